@@ -1,0 +1,1 @@
+"""Reading and writing quantized checkpoints: our per-layer format, foreign ones, the converter."""

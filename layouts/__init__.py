@@ -1,0 +1,32 @@
+"""The format table: one comfy_quant format name -> one layout class, registered with comfy-kitchen.
+
+Importing this package registers every layout with comfy-kitchen's registry under its class
+name, which is how ``QuantizedTensor.from_float(w, "NF4Layout")`` finds it. The converter,
+the loader and the demo all read ``FORMATS``; a new format is one import and one entry here.
+"""
+from __future__ import annotations
+
+from comfy_kitchen.tensor import register_layout_class
+
+from .base import LowBitLayout, QuantFormatError, reference_linear
+from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
+
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = ()
+
+FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
+
+for _cls in LAYOUT_CLASSES:
+    register_layout_class(_cls.__name__, _cls)
+
+__all__ = [
+    "FORMATS",
+    "LAYOUT_CLASSES",
+    "LowBitLayout",
+    "QuantFormatError",
+    "decode_config",
+    "encode_config",
+    "layer_state_dict",
+    "load_layer",
+    "quantized_layers",
+    "reference_linear",
+]

@@ -1,0 +1,1 @@
+"""ComfyUI nodes: the only part of the package that imports `comfy` (lazily)."""
