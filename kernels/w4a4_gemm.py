@@ -162,10 +162,11 @@ def _launcher(bucket: str):
 def w4a4_gemm(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-    *, magic_cvt: bool = True, config: dict | None = None,
+    *, magic_cvt: bool = True, config: dict | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton launcher on split-order codes; shapes as in the module header. ``config`` pins
-    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants)."""
+    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants); ``out`` is an
+    (M, N) buffer to write (tests poison it)."""
     m, k = codes.shape
     n = qweight.shape[0]
     r = proj_up.shape[1]
@@ -174,7 +175,8 @@ def w4a4_gemm(
     for name, shape in expected.items():
         if tuple(got[name]) != shape:
             raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
-    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     args = (
         codes, ascales, qweight.contiguous(), wscales.contiguous(), lora, proj_up.contiguous(),
         bias if bias is not None else out, out, m, n, k, r, out.stride(0),

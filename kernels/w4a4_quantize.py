@@ -137,9 +137,12 @@ def w4a4_quantize_kernel(
 
 
 def quantize_activations(
-    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False
+    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False,
+    *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launcher: (codes (M, K) int8 in split group order, ascales (M, K/64) fp32, lora (M, R) fp32)."""
+    """Triton launcher: (codes (M, K) int8 in split group order, ascales (M, K/64) fp32, lora (M, R) fp32).
+
+    ``out`` supplies the three buffers (tests poison them to catch unwritten elements)."""
     m, k = x.shape
     r = proj_down.shape[1]
     if k % GROUP:
@@ -151,9 +154,13 @@ def quantize_activations(
             f"W4A4 activations: x has K={k} but smooth_factor is {tuple(smooth.shape)} and "
             f"proj_down is {tuple(proj_down.shape)}; expected ({k},) and ({k}, R)"
         )
-    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    ascales = torch.empty(m, k // GROUP, dtype=torch.float32, device=x.device)
-    lora = torch.empty(m, r, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (
+            torch.empty(m, k, dtype=torch.int8, device=x.device),
+            torch.empty(m, k // GROUP, dtype=torch.float32, device=x.device),
+            torch.empty(m, r, dtype=torch.float32, device=x.device),
+        )
+    codes, ascales, lora = out
     block_m = 16 if m <= 16 else 32 if m <= 4096 else 64
     block_r = max(16, triton.next_power_of_2(r))
     w4a4_quantize_kernel[(triton.cdiv(m, block_m),)](
