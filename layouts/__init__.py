@@ -9,9 +9,10 @@ from __future__ import annotations
 from comfy_kitchen.tensor import register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
+from .bnb4 import FP4Layout, NF4Layout
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
 
-LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = ()
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (NF4Layout, FP4Layout)
 
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 
