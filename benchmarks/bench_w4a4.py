@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import platform
 import sys
 
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-import comfy_kitchen
 from comfy_kitchen.tensor import QuantizedTensor
 from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
 
@@ -107,7 +107,7 @@ def main():
     ck_ok = bool(getattr(ck_cuda, "_EXT_AVAILABLE", False))
     print(f"# W4A4 benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  {dev}")
     print(f"# python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"comfy-kitchen {getattr(comfy_kitchen, '__version__', '?')} (CUDA ext: {ck_ok})")
+          f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')} (CUDA ext: {ck_ok})")
     fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
     bw, bf16_peak, int8_peak = ceilings()
     print(f"# ceilings: copy {bw / 1e12:.2f} TB/s, bf16 mm {bf16_peak / 1e12:.0f} TFLOP/s, int8 _int_mm {int8_peak / 1e12:.0f} TOP/s")
