@@ -18,17 +18,28 @@ Math, per output element:
 
 Hopper has no int4 MMA, so each 32-byte weight slice is unpacked in registers with two
 shifts (``(b << 4) >> 4`` and ``b >> 4``, arithmetic on int8) into the even and odd halves of
-the group and fed to an int8 ``tl.dot`` (wgmma s8 on sm_90, mma on sm_80) against the
-activation halves, which the quantizer already wrote apart: no interleave anywhere. D_g is at
-most 64 * 8 * 15 in magnitude, so it converts to fp32 exactly; ``dot="int8"`` converts by bits
-(an integer add plus a float subtract on 1.5 * 2**23 + D) instead of an I2F instruction, whose
-throughput is a quarter of the FMA pipe's. ``dot="fp8"`` runs the same sums on e4m3 MMA
-(exact for codes -8..15, fp32 results, no conversion), the weight nibbles turned into e4m3
-through fp16 bit patterns. With ``unpacked`` (the weight expanded once per call to 8-bit codes
-by ``unpack_weight``) both operands stream from memory and each group is one K=64 MMA.
+the group and fed to an 8-bit ``tl.dot`` (wgmma on sm_90, mma on sm_80) against the activation
+halves, which the quantizer already wrote apart: no interleave anywhere. |D_g| <= 64 * 8 * 15,
+so every conversion below is exact. Three MMA kinds (``dot``):
 
-The same kernel is the small-M GEMV path: with BLOCK_M >= M the grid spans only N, so the
-packed weight is read exactly once; only the tile shapes differ (see ``_configs``).
+* ``"fp8"``: e4m3 MMA (exact for codes -8..15) with fp32 results; the weight nibbles become
+  e4m3 through fp16 bit patterns. Fastest on the H100 (benchmarks/NOTES.md, W4A4); sm_89+.
+* ``"int8"``: int8 MMA, int32 -> fp32 by bits (the float 1.5 * 2**23 + D minus 1.5 * 2**23),
+  for GPUs whose I2F is slow; ``"int8_i2f"`` converts with a cast (ptxas emits the fast
+  I2FP on sm_90).
+
+Two ways to feed the weight:
+
+* fused (``unpacked=None``): the packed nibbles are unpacked inside the K loop, every row tile
+  again. With BLOCK_M >= M the grid spans only N and the packed weight is read once: this is
+  the small-M GEMV path, with the K loop split over SPLIT_K programs (fp32 atomics into a
+  zeroed buffer) so that enough loads are in flight.
+* streaming (``unpacked=unpack_weight(qweight)``, the weight expanded once per call to 8-bit
+  codes in split order): both operands stream from memory, one K=64 MMA per group, two groups
+  per iteration (PAIRS). The layout uses it from 256 rows on.
+
+After the loop the epilogue adds (sum of the C low-rank partials) @ proj_up.T (tf32 MMA on
+a GPU) and the bias, and stores in the output dtype.
 """
 from __future__ import annotations
 
@@ -39,8 +50,6 @@ import triton
 import triton.language as tl
 
 GROUP = 64
-# "int8": int8 MMA, int32 -> fp32 by bits; "int8_i2f": the same with an I2F conversion;
-# "fp8": e4m3 MMA with fp32 results (codes from the quantizer in e4m3, sm_89+ only).
 DOT_KINDS = ("int8", "int8_i2f", "fp8")
 CVT_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)
 CVT_MAGIC_F: tl.constexpr = tl.constexpr(12582912.0)
@@ -272,9 +281,13 @@ def w4a4_gemm(
     *, dot: str = "int8", unpacked: torch.Tensor | None = None, config: dict | None = None,
     out: torch.Tensor | None = None, timing_no_scales: bool = False,
 ) -> torch.Tensor:
-    """Triton launcher on split-order codes; shapes as in the module header. ``config`` pins
-    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants); ``out`` is an
-    (M, N) buffer to write (tests poison it)."""
+    """Triton launcher on split-order codes; shapes as in the module header.
+
+    ``dot`` picks the MMA kind (codes must be e4m3 for "fp8", int8 otherwise); ``unpacked`` is
+    ``unpack_weight(qweight, codes.dtype)`` for the streaming path; ``config`` pins
+    BLOCK_M/BLOCK_N/GROUP_M/SPLIT_K/num_warps/num_stages instead of autotuning (tests, benchmark
+    variants); ``out`` is the (M, N) buffer to write (tests poison it); ``timing_no_scales`` is a
+    benchmark diagnostic that skips the per-group scaling and gives a wrong result."""
     m, k = codes.shape
     n = qweight.shape[0]
     r = proj_up.shape[1]

@@ -148,8 +148,9 @@ def quantize_activations(
     """Triton launcher: codes (M, K) int8 in split group order, ascales (K/64, M) fp32 and the
     low-rank activations as C partial sums (C, M, R) fp32 (their sum is x @ proj_down).
 
-    ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C (default: 1 for large M, more for small M); ``out`` supplies the three
-    buffers (tests poison them to catch unwritten elements)."""
+    ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C
+    (default: enough programs to fill the GPU); ``out`` supplies the three buffers (tests poison
+    them to catch unwritten elements)."""
     m, k = x.shape
     r = proj_down.shape[1]
     if k % GROUP:

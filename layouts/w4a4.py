@@ -157,7 +157,8 @@ class W4A4Layout(LowBitLayout):
         """Quantize a float (N, K) weight. ``smooth_factor`` reuses a given smoothing (requantize)."""
         unknown = sorted(set(kwargs) - set(_IGNORED_COMFY_KWARGS))
         if unknown:
-            raise TypeError(f"W4A4Layout.quantize: unknown keyword(s) {unknown}; accepted: rank, act_absmax, alpha, smooth_factor, act_unsigned")
+            raise TypeError(f"W4A4Layout.quantize: unknown keyword(s) {unknown}; "
+                            "accepted: rank, act_absmax, alpha, smooth_factor, act_unsigned")
         if tensor.dim() != 2 or tensor.shape[1] % GROUP:
             raise format_error(None, f"W4A4 needs a 2-D (N, K) weight with K a multiple of {GROUP}, got {tuple(tensor.shape)}")
         n, k = tensor.shape
