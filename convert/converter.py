@@ -79,6 +79,11 @@ class ConvertSummary:
     kept: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     passed_through: list[tuple[str, str]] = field(default_factory=list)  # (layer, format)
     dry_run: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (read, quantize, ...)
+
+    def timed(self, phase: str):
+        """Context manager adding the block's wall time to ``timings[phase]``."""
+        return _Timer(self.timings, phase)
 
     @property
     def ratio(self) -> float:
@@ -104,7 +109,7 @@ class ConvertSummary:
             "input": self.input, "output": self.output, "format": self.format, "options": self.options,
             "families": self.families, "dry_run": self.dry_run,
             "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
-            "ratio": self.ratio, "seconds": self.seconds,
+            "ratio": self.ratio, "seconds": self.seconds, "timings": self.timings,
             "error": self.error_stats(),
             "worst": [r.__dict__ for r in self.worst()],
             "quantized": [r.__dict__ for r in self.quantized],
@@ -134,6 +139,8 @@ class ConvertSummary:
         speed = self.input_bytes / self.seconds / 1e6 if self.seconds else math.inf
         lines.append(f"size: {_size(self.input_bytes)} -> {_size(self.output_bytes)} (ratio {self.ratio:.3f}) "
                      f"in {self.seconds:.1f} s ({speed:.0f} MB/s read)")
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{phase} {sec:.1f} s" for phase, sec in self.timings.items()))
         stats = self.error_stats()
         if stats:
             lines.append(f"relative weight error ||Q(W) - W|| / ||W|| over {stats['layers']} layers: "
@@ -145,6 +152,17 @@ class ConvertSummary:
             for r in self.worst():
                 lines.append(f"  {r.rel_error:.4f}  {r.name} {tuple(r.shape)}")
         return "\n".join(lines)
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], phase: str):
+        self.timings, self.phase = timings, phase
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.start
 
 
 def _size(n: int) -> str:
@@ -214,6 +232,10 @@ def relative_error(weight: torch.Tensor, restored: torch.Tensor, rows_per_chunk:
 
 
 def check_finite(key: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN/Inf weights. min and max propagate NaN, so one pass without a mask suffices."""
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
     bad = (~torch.isfinite(tensor)).sum().item()
     if bad:
         raise ConversionError(f"tensor '{key}': {bad} of {tensor.numel()} values are NaN or Inf; "
@@ -292,7 +314,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
         metadata = _metadata(f, layout, options, kwargs, rules)
         with SafetensorsWriter(dst, metadata=metadata, overwrite=options.overwrite) as writer:
             _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progress, show_progress)
-            writer.commit()
+            with summary.timed("commit"):
+                writer.commit()
     summary.output_bytes = os.path.getsize(dst)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -331,7 +354,8 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
     """Do one step; return the input bytes it consumed."""
     if step.kind == "keep":
         info = f.info(step.key)
-        writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
+        with summary.timed("copy"):
+            writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
         summary.kept.append((step.key, step.reason))
         return info.nbytes
 
@@ -351,20 +375,25 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
 
     info = f.info(step.key)
     layer = step.key[: -len(".weight")]
-    weight = f.read(step.key, device)
-    check_finite(step.key, weight)
+    with summary.timed("read"):
+        weight = f.read(step.key, device)
+    with summary.timed("check"):
+        check_finite(step.key, weight)
     try:
-        qt, plain = quantize_weight(weight, layout, kwargs, options.optimize)
+        with summary.timed("quantize"):
+            qt, plain = quantize_weight(weight, layout, kwargs, options.optimize)
     except QuantFormatError as exc:  # the format cannot hold this shape: keep the weight as it is
         reason = f"shape {info.shape} does not fit {layout.FORMAT}: {exc}"
         writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
         summary.kept.append((step.key, reason))
         return info.nbytes
-    rel = relative_error(weight, qt.dequantize())
-    plain_rel = relative_error(weight, plain.dequantize()) if plain is not None else None
+    with summary.timed("measure error"):
+        rel = relative_error(weight, qt.dequantize())
+        plain_rel = relative_error(weight, plain.dequantize()) if plain is not None else None
     if not math.isfinite(rel):
         raise ConversionError(f"tensor '{step.key}': quantized weight decodes to non-finite values")
-    for key, tensor in layer_state_dict(layer, qt).items():
-        writer.add(key, tensor)
+    with summary.timed("write"):
+        for key, tensor in layer_state_dict(layer, qt).items():
+            writer.add(key, tensor)
     summary.quantized.append(LayerResult(layer, info.shape, rel, plain_rel))
     return info.nbytes
