@@ -26,7 +26,7 @@ from comfy_kitchen.tensor import QuantizedTensor
 
 from ..layouts import LowBitLayout, QuantFormatError, layer_state_dict
 from .families import KeepRules
-from .options import layout_kwargs, resolve_format
+from .options import layout_kwargs, resolve_format, takes_layer_name
 from .readers import QuantizedLayer, find_quantized_layers, to_quantized
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .writer import OutputExistsError, SafetensorsWriter, WriteError
@@ -80,6 +80,7 @@ class ConvertSummary:
     passed_through: list[tuple[str, str]] = field(default_factory=list)  # (layer, format)
     dry_run: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (read, quantize, ...)
+    layer_config: dict | None = None  # comfy_quant JSON of the first quantized layer
 
     def timed(self, phase: str):
         """Context manager adding the block's wall time to ``timings[phase]``."""
@@ -207,7 +208,7 @@ def _metadata(f: SafetensorsFile, layout: type[LowBitLayout], options: ConvertOp
     ours = {
         "comfy_lowbit.version": __version__,
         "comfy_lowbit.format": layout.FORMAT,
-        "comfy_lowbit.block_size": str(options.block_size) if options.block_size else "format default",
+        "comfy_lowbit.block_size": str(options.block_size) if options.block_size else "format default",  # see _used_config
         "comfy_lowbit.quantize_kwargs": json.dumps(kwargs, sort_keys=True),
         "comfy_lowbit.optimize": str(bool(options.optimize)).lower(),
         "comfy_lowbit.families": json.dumps(rules.describe()),
@@ -215,6 +216,18 @@ def _metadata(f: SafetensorsFile, layout: type[LowBitLayout], options: ConvertOp
         "comfy_lowbit.include": json.dumps(list(options.include)),
     }
     return {**f.metadata, **ours}
+
+
+def _used_config(layout: type[LowBitLayout], summary: ConvertSummary) -> dict[str, str]:
+    """Metadata from the layer configs actually written (the block size the layout chose)."""
+    if summary.layer_config is None:
+        return {}
+    config = summary.layer_config
+    block = next((config[k] for k in ("block_size", "blocksize", "group_size") if k in config), None)
+    out = {"comfy_lowbit.layer_config": json.dumps(config, sort_keys=True)}
+    if block is not None:
+        out["comfy_lowbit.block_size"] = str(block)
+    return out
 
 
 # ---- quantizing one weight ------------------------------------------------------------------
@@ -244,6 +257,8 @@ def check_finite(key: str, tensor: torch.Tensor) -> None:
 
 def quantize_weight(weight: torch.Tensor, layout: type[LowBitLayout], kwargs: dict, optimize: bool):
     """(QuantizedTensor, plain encoder's QuantizedTensor or None) for one weight."""
+    if "layer" in kwargs and not takes_layer_name(layout):
+        kwargs = {k: v for k, v in kwargs.items() if k != "layer"}
     if optimize:
         from .optimize import optimized_quantize
 
@@ -314,6 +329,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
         metadata = _metadata(f, layout, options, kwargs, rules)
         with SafetensorsWriter(dst, metadata=metadata, overwrite=options.overwrite) as writer:
             _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progress, show_progress)
+            writer.metadata.update(_used_config(layout, summary))
             with summary.timed("commit"):
                 writer.commit()
     summary.output_bytes = os.path.getsize(dst)
@@ -381,7 +397,7 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
         check_finite(step.key, weight)
     try:
         with summary.timed("quantize"):
-            qt, plain = quantize_weight(weight, layout, kwargs, options.optimize)
+            qt, plain = quantize_weight(weight, layout, {**kwargs, "layer": layer}, options.optimize)
     except QuantFormatError as exc:  # the format cannot hold this shape: keep the weight as it is
         reason = f"shape {info.shape} does not fit {layout.FORMAT}: {exc}"
         writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
@@ -396,4 +412,6 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
         for key, tensor in layer_state_dict(layer, qt).items():
             writer.add(key, tensor)
     summary.quantized.append(LayerResult(layer, info.shape, rel, plain_rel))
+    if summary.layer_config is None:
+        summary.layer_config = layout.comfy_quant_config(qt._params)
     return info.nbytes

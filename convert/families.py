@@ -143,7 +143,7 @@ class KeepRules:
     def keep_reason(self, key: str, shape: tuple[int, ...], is_float: bool) -> str | None:
         """None if ``key`` should be quantized, else the reason to keep it as it is."""
         if not key.endswith(".weight"):
-            return "bias" if key.endswith(".bias") else "not a weight"
+            return "bias" if key.endswith(".bias") else "not a linear weight"
         if len(shape) != 2:
             return f"not a 2-D linear weight (shape {tuple(shape)})"
         if not is_float:

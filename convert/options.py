@@ -43,3 +43,8 @@ def layout_kwargs(layout: type[LowBitLayout], **options) -> dict:
                              f"(its quantize takes: {', '.join(p for p in accepted if p not in ('cls', 'tensor', 'kwargs'))})")
         kwargs[name] = value
     return kwargs
+
+
+def takes_layer_name(layout: type[LowBitLayout]) -> bool:
+    """Whether ``quantize`` accepts ``layer=`` (used to name the layer in its errors)."""
+    return "layer" in inspect.signature(layout.quantize).parameters

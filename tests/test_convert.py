@@ -30,7 +30,7 @@ from support import relative_error
 
 TOY = ToyBlockInt8Layout.FORMAT
 INPUT_METADATA = {"modelspec.title": "tiny test model", "format": "pt"}
-REAL_FORMAT_RTOL = {"bnb_nf4": 0.15, "bnb_fp4": 0.2, "int8_lodewise": 0.02, "svdquant_w4a4": 0.2}
+REAL_FORMAT_RTOL = {"bnb_nf4": 0.15, "bnb_fp4": 0.2, "int8_lodewise": 0.05, "svdquant_w4a4": 0.2}
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +298,42 @@ def test_unknown_format_and_option(tmp_path):
         convert(src, tmp_path / "o.safetensors", fmt="nf5")
     with pytest.raises(ValueError, match="no rank option"):
         convert(src, tmp_path / "o.safetensors", rank=8)
+
+
+# ---- foreign files: convert_to_quant int8 ------------------------------------------------------
+def _c2q_int8_file(tmp_path, fmt, bs, config):
+    gen = torch.Generator().manual_seed(10)
+    n, k = 256, 256
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    shape = (n, k // bs) if fmt == "int8_lodewise" else (n // bs, k // bs)
+    scale = torch.rand(shape, generator=gen) * 0.01 + 1e-3
+    from comfy_lowbit.layouts import encode_config
+    sd = {"blocks.0.fc.weight": q, "blocks.0.fc.weight_scale": scale, "blocks.0.fc.bias": torch.randn(n).bfloat16(),
+          "blocks.0.fc.comfy_quant": encode_config(config), "blocks.0.norm.weight": torch.ones(k).bfloat16()}
+    expand = scale.repeat_interleave(bs, 1) if fmt == "int8_lodewise" else \
+        scale.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    return save(tmp_path / "c2q.safetensors", sd), q.float() * expand
+
+
+@pytest.mark.parametrize("fmt, config, rtol", [
+    ("int8_lodewise", {"format": "int8_lodewise", "params": {"group_size": 128}}, 0.0),
+    ("int8_lodewise", {"format": "int8_lodewise", "group_size": 64}, 0.0),
+    ("int8_blockwise", {"format": "int8_blockwise", "group_size": 64}, 0.01),
+])
+def test_convert_to_quant_int8_files_are_read(tmp_path, capsys, fmt, config, rtol):
+    if "int8_lodewise" not in FORMATS:
+        pytest.skip("int8_lodewise not in this build")
+    bs = config.get("group_size") or config["params"]["group_size"]
+    src, expected = _c2q_int8_file(tmp_path, fmt, bs, config)
+    assert cli.main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert ("int8_blockwise (convert_to_quant)" if fmt == "int8_blockwise" else "int8_lodewise") in out
+    loaded = read_checkpoint(src)
+    assert sorted(loaded) == ["blocks.0.fc.bias", "blocks.0.fc.weight", "blocks.0.norm.weight"]
+    weight = loaded["blocks.0.fc.weight"]
+    assert isinstance(weight, QuantizedTensor) and weight.layout_cls is FORMATS["int8_lodewise"]
+    assert relative_error(weight.dequantize().float(), expected) <= rtol + 4e-3  # bf16 rounding of the values
+    summary = convert(src, tmp_path / "out.safetensors", keep_quantized=True)
+    assert summary.passed_through == [("blocks.0.fc", fmt if fmt == "int8_lodewise" else f"{fmt} (convert_to_quant)")]
+    again = read_checkpoint(tmp_path / "out.safetensors")["blocks.0.fc.weight"]
+    assert torch.equal(again.dequantize(), weight.dequantize())
