@@ -9,10 +9,13 @@ from __future__ import annotations
 from comfy_kitchen.tensor import get_layout_class, register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
-from .int8_lodewise import BlockWiseINT8LayoutLodeWise
+from .bnb4 import FP4Layout, NF4Layout
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
+from .int8_lodewise import BlockWiseINT8LayoutLodeWise
 
 LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (
+    NF4Layout,
+    FP4Layout,
     BlockWiseINT8LayoutLodeWise,
 )
 
