@@ -1,0 +1,183 @@
+"""W4A4 activation quantization: smooth, per-row per-64-group int4, and the low-rank down projection.
+
+Math (comfy-kitchen's ``quantize_svdquant_w4a4``, done in fp32 whatever the input dtype):
+
+    xm      = x + 0.171875 if act_unsigned else x           (nunchaku's post-GELU shift)
+    xs      = xm / smooth                                    (fp32 division, as the reference)
+    ascale  = max(absmax(xs[m, 64g : 64g+64]), 1e-10) / Q    Q = 7 signed, 15 unsigned
+    code    = clamp(round_half_even(xs / ascale), -7, 7)     (0..15 when unsigned)
+    lora    = x @ proj_down                                  (raw x: neither shifted nor smoothed)
+
+Output storage (transient, never written to files), for the GEMM in ``w4a4_gemm.py``:
+
+    codes   (M, K)    int8, one code per byte, *split group order*: inside each 64-wide group,
+                      bytes 0..31 hold the codes of even columns 64g+0, +2, ..., +62 and bytes
+                      32..63 the odd columns 64g+1, ..., +63. The packed weight keeps even
+                      columns in low nibbles and odd in high nibbles, so the GEMM computes
+                      ``codes_even . W_lo + codes_odd . W_hi`` and never re-interleaves.
+    ascales (K/64, M) fp32    (group-major: the GEMM loads one group's scales for a row tile
+                              as one contiguous vector)
+    lora    (C, M, R) fp32    C partial sums over K chunks; their sum is x @ proj_down
+
+One pass: x is read once; codes, scales and the low-rank partials are written once. A program
+owns BLOCK_M rows and one chunk of groups; at small M, K is cut into C chunks so that enough
+programs run (one row at M=1 would otherwise walk K alone).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP = 64
+GELU_UNSIGNED_SHIFT = 0.171875
+# 1.5 * 2**23: adding then subtracting it rounds an fp32 |v| < 2**22 half-to-even, like
+# torch.round; portable across Triton versions and the interpreter (no libdevice needed).
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+_SHIFT: tl.constexpr = tl.constexpr(GELU_UNSIGNED_SHIFT)
+
+
+def _interpreting() -> bool:
+    # The interpreter (Triton 3.9) miscomputes bf16 tl.dot; fp32 "ieee" on the same values is
+    # the same sum (bf16 products are exact in fp32).
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def split_group_order(codes: torch.Tensor) -> torch.Tensor:
+    """Natural column order (..., K) -> split group order (evens then odds inside each 64)."""
+    k = codes.shape[-1]
+    g = codes.reshape(*codes.shape[:-1], k // GROUP, GROUP // 2, 2)
+    return g.transpose(-1, -2).reshape(*codes.shape[:-1], k)
+
+
+def natural_group_order(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``split_group_order``."""
+    k = codes.shape[-1]
+    g = codes.reshape(*codes.shape[:-1], k // GROUP, 2, GROUP // 2)
+    return g.transpose(-1, -2).reshape(*codes.shape[:-1], k)
+
+
+def quantize_activations_reference(
+    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch reference: (codes (M, K) int8 in *natural* order, ascales (K/64, M) fp32,
+    lora (M, R) fp32). On fp32 input it equals comfy-kitchen's eager quantizer exactly."""
+    m, k = x.shape
+    xf = x.float()
+    lora = xf @ proj_down.float()
+    xm = xf + GELU_UNSIGNED_SHIFT if act_unsigned else xf
+    groups = (xm / smooth.float()).view(m, k // GROUP, GROUP)
+    qmax, qmin = (15, 0) if act_unsigned else (7, -7)
+    ascales = groups.abs().amax(dim=-1).clamp(min=1e-10) / qmax
+    codes = (groups / ascales.unsqueeze(-1)).round().clamp(qmin, qmax).to(torch.int8)
+    return codes.reshape(m, k), ascales.t().contiguous(), lora
+
+
+@triton.jit
+def _quantize_half(xs, ascale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    v = xs / ascale[:, None]
+    v = (v + ROUND_MAGIC) - ROUND_MAGIC
+    return tl.minimum(tl.maximum(v, QMIN), QMAX)
+
+
+@triton.jit
+def w4a4_quantize_kernel(
+    x_ptr, smooth_ptr, down_ptr, codes_ptr, ascales_ptr, lora_ptr,
+    M, K, R, GROUPS_PER_CHUNK,
+    stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    UNSIGNED: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    # Program (i, c): rows i*BLOCK_M.., groups of chunk c. Each chunk writes its own partial
+    # low-rank sum lora[c]; the GEMM epilogue adds the chunks (no atomics, no memset).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chunk = tl.program_id(1)
+    row_ok = rows[:, None] < M
+    cols = tl.arange(0, 64)
+    half = tl.arange(0, 32)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    num_groups = K // 64
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    code_rows = codes_ptr + rows[:, None].to(tl.int64) * K
+    lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    first = chunk * GROUPS_PER_CHUNK
+    for g in range(first, tl.minimum(first + GROUPS_PER_CHUNK, num_groups)):
+        x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok, other=0.0)
+        # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
+        down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :], other=0.0)
+        if IEEE_DOT:
+            lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
+        else:
+            lora = tl.dot(x, down.to(x.dtype), lora)
+        xs = x.to(tl.float32)
+        if UNSIGNED:
+            xs = xs + _SHIFT
+        xs = xs / tl.load(smooth_ptr + g * 64 + cols).to(tl.float32)[None, :]
+        absmax = tl.max(tl.abs(xs), axis=1)
+        # Even and odd columns apart: (BLOCK_M, 64) -> two (BLOCK_M, 32), within each thread.
+        x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, 32, 2)))
+        if UNSIGNED:
+            ascale = tl.maximum(absmax, 1e-10) / 15.0
+            q_even = _quantize_half(x_even, ascale, 0.0, 15.0)
+            q_odd = _quantize_half(x_odd, ascale, 0.0, 15.0)
+        else:
+            ascale = tl.maximum(absmax, 1e-10) / 7.0
+            q_even = _quantize_half(x_even, ascale, -7.0, 7.0)
+            q_odd = _quantize_half(x_odd, ascale, -7.0, 7.0)
+        code_ty = codes_ptr.dtype.element_ty  # int8, or e4m3 for the fp8 GEMM (exact for -7..15)
+        tl.store(code_rows + g * 64 + half[None, :], q_even.to(code_ty), mask=row_ok)
+        tl.store(code_rows + g * 64 + 32 + half[None, :], q_odd.to(code_ty), mask=row_ok)
+        tl.store(ascales_ptr + g * M + rows, ascale, mask=rows < M)
+    lora_out = lora_ptr + chunk * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
+    tl.store(lora_out, lora, mask=row_ok & rank_ok[None, :])
+
+
+# Programs to aim for: enough to fill 132 SMs about twice. Small M splits K into chunks.
+_TARGET_PROGRAMS = 256
+
+
+def quantize_activations(
+    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False,
+    *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, chunks: int | None = None,
+    codes_dtype: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launcher: codes (M, K) int8 in split group order, ascales (K/64, M) fp32 and the
+    low-rank activations as C partial sums (C, M, R) fp32 (their sum is x @ proj_down).
+
+    ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C (default: 1 for large M, more for small M); ``out`` supplies the three
+    buffers (tests poison them to catch unwritten elements)."""
+    m, k = x.shape
+    r = proj_down.shape[1]
+    if k % GROUP:
+        raise ValueError(f"W4A4 activations: K={k} must be a multiple of {GROUP}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if smooth.shape != (k,) or proj_down.shape[0] != k:
+        raise ValueError(
+            f"W4A4 activations: x has K={k} but smooth_factor is {tuple(smooth.shape)} and "
+            f"proj_down is {tuple(proj_down.shape)}; expected ({k},) and ({k}, R)"
+        )
+    groups = k // GROUP
+    block_m = 16 if m <= 4096 else 32
+    row_blocks = triton.cdiv(m, block_m)
+    wanted = chunks if chunks is not None else max(1, _TARGET_PROGRAMS // row_blocks)
+    per_chunk = triton.cdiv(groups, min(max(wanted, 1), groups))
+    chunks = triton.cdiv(groups, per_chunk)
+    if out is None:
+        out = (
+            torch.empty(m, k, dtype=codes_dtype, device=x.device),
+            torch.empty(groups, m, dtype=torch.float32, device=x.device),
+            torch.empty(chunks, m, r, dtype=torch.float32, device=x.device),
+        )
+    codes, ascales, lora = out
+    w4a4_quantize_kernel[(row_blocks, chunks)](
+        x, smooth.contiguous(), proj_down.contiguous(), codes, ascales, lora,
+        m, k, r, per_chunk, x.stride(0),
+        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
+        num_warps=4,
+    )
+    return codes, ascales, lora
