@@ -27,7 +27,7 @@ from comfy_kitchen.tensor import QuantizedTensor
 from ..layouts import LowBitLayout, QuantFormatError, layer_state_dict
 from .families import KeepRules
 from .options import layout_kwargs, resolve_format, takes_layer_name
-from .readers import QuantizedLayer, find_quantized_layers, to_quantized
+from .readers import FLOAT8, FOREIGN, QuantizedLayer, find_quantized_layers, to_quantized
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .writer import OutputExistsError, SafetensorsWriter, WriteError
 
@@ -297,7 +297,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
             raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
 
     with SafetensorsFile(src) as f:
-        quantized = find_quantized_layers(f.keys(), f.read)
+        quantized = find_quantized_layers(f.keys(), f.read, lambda key: f.info(key).torch_dtype)
         if quantized and not options.keep_quantized:
             examples = ", ".join(f"{q.layer} ({q.describe})" for q in list(quantized.values())[:3])
             raise ConversionError(
@@ -379,7 +379,7 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
     if step.kind == "quantized":
         item = step.layer
         nbytes = sum(f.info(k).nbytes for k in item.keys)
-        if item.source == "ours":  # already in our format: copy the bytes
+        if item.source in ("ours", FOREIGN, FLOAT8):  # ours, or formats we only carry: copy the bytes
             for key in item.keys:
                 info = f.info(key)
                 writer.add_raw(key, info.dtype, info.shape, f.raw_chunks(key))
