@@ -222,7 +222,7 @@ def _used_config(layout: type[LowBitLayout], summary: ConvertSummary) -> dict[st
     """Metadata from the layer configs actually written (the block size the layout chose)."""
     if summary.layer_config is None:
         return {}
-    config = summary.layer_config
+    config = {k: v for k, v in summary.layer_config.items() if k not in ("orig_shape", "shape")}  # per layer
     block = next((config[k] for k in ("block_size", "blocksize", "group_size") if k in config), None)
     out = {"comfy_lowbit.layer_config": json.dumps(config, sort_keys=True)}
     if block is not None:
