@@ -283,6 +283,24 @@ def _fits(layout: type[LowBitLayout], kwargs: dict, shape: tuple[int, ...]) -> s
     return None
 
 
+def _dry_run(f: SafetensorsFile, steps: list[Step], layout, kwargs: dict, summary: ConvertSummary) -> None:
+    """Fill ``summary`` with the plan, trying each new weight shape on the layout once."""
+    fits: dict[tuple[int, ...], str | None] = {}
+    for step in steps:
+        if step.kind == "keep":
+            summary.kept.append((step.key, step.reason))
+        elif step.kind == "quantized":
+            summary.passed_through.append((step.layer.layer, step.layer.describe))
+        else:
+            shape = f.info(step.key).shape
+            if shape not in fits:
+                fits[shape] = _fits(layout, kwargs, shape)
+            if fits[shape]:
+                summary.kept.append((step.key, fits[shape]))
+            else:
+                summary.quantized.append(LayerResult(step.key[: -len(".weight")], shape, math.nan))
+
+
 # ---- the loop -------------------------------------------------------------------------------
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, options: ConvertOptions, *,
                        progress: ProgressCallback | None = None, show_progress: bool = True) -> ConvertSummary:
@@ -309,27 +327,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
             raise ConversionError(
                 f"{src} already holds {len(quantized)} quantized layers, e.g. {examples}; pass --keep-quantized "
                 "to carry them over as they are and quantize only the rest")
-        rules = KeepRules([k for k in f.keys()], exclude=options.exclude, include=options.include)
+        rules = KeepRules(f.keys(), exclude=options.exclude, include=options.include)
         steps = plan(f, rules, quantized)
         summary = ConvertSummary(
             str(src), None if options.dry_run else str(dst), layout.FORMAT, kwargs, rules.describe(),
             input_bytes=os.path.getsize(src), dry_run=options.dry_run)
 
         if options.dry_run:
-            fit_cache: dict[tuple, str | None] = {}
-            for step in steps:
-                if step.kind == "keep":
-                    summary.kept.append((step.key, step.reason))
-                elif step.kind == "quantized":
-                    summary.passed_through.append((step.layer.layer, step.layer.describe))
-                else:
-                    shape = f.info(step.key).shape
-                    if shape not in fit_cache:
-                        fit_cache[shape] = _fits(layout, kwargs, shape)
-                    if fit_cache[shape]:
-                        summary.kept.append((step.key, fit_cache[shape]))
-                    else:
-                        summary.quantized.append(LayerResult(step.key[: -len(".weight")], shape, math.nan))
+            _dry_run(f, steps, layout, kwargs, summary)
             summary.seconds = time.perf_counter() - start
             return summary
 
@@ -358,9 +363,7 @@ def _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progr
                 nbytes = _run_step(f, step, writer, layout, kwargs, options, device, summary)
             except (ConversionError, WriteError, KeyboardInterrupt):
                 raise
-            except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError) as exc:
-                raise ConversionError(f"tensor '{step.key}': {exc}") from exc
-            except OSError as exc:
+            except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError, OSError) as exc:
                 raise ConversionError(f"tensor '{step.key}': {exc}") from exc
             done += nbytes
             bar.update(nbytes)
