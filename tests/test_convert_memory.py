@@ -45,7 +45,6 @@ print(json.dumps({{"baseline_mb": baseline, "peak_mb": status("VmHWM"), "quantiz
 """
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the peak resident set")
 def test_peak_memory_of_a_1gb_conversion(tmp_path):
     gen = torch.Generator().manual_seed(0)
