@@ -364,7 +364,8 @@ def _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progr
             except (ConversionError, WriteError, KeyboardInterrupt):
                 raise
             except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError, OSError) as exc:
-                raise ConversionError(f"tensor '{step.key}': {exc}") from exc
+                named = f"'{step.key}'" in str(exc) or (step.layer and f"'{step.layer.layer}'" in str(exc))
+                raise ConversionError(str(exc) if named else f"tensor '{step.key}': {exc}") from exc
             done += nbytes
             bar.update(nbytes)
             bar.set_postfix_str(f"{index}/{len(steps)} tensors", refresh=False)
