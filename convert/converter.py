@@ -312,6 +312,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
     if options.optimize and layout.FORMAT not in ("bnb_nf4", "bnb_fp4"):
         raise ValueError(f"--optimize applies to bnb_nf4 and bnb_fp4, not {layout.FORMAT}")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build sees no CUDA device; use --device cpu")
     src = Path(src)
     if dst is not None and not options.dry_run:
         dst = Path(dst)
