@@ -36,7 +36,8 @@ from comfy_kitchen.tensor import QuantizedTensor
 
 from ..kernels import bnb4_codec as codec
 from ..layouts.base import QuantFormatError
-from ..layouts.bnb4 import ABSMAX, FLOAT_DTYPES, NESTED_ABSMAX, NESTED_OFFSET, Bnb4Layout, FP4Layout, NF4Layout
+from ..layouts.bnb4 import (ABSMAX, FLOAT_DTYPES, NESTED_ABSMAX, NESTED_OFFSET, Bnb4Layout, FP4Layout, NF4Layout,
+                            is_shape)
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
 LAYOUTS: dict[str, type[Bnb4Layout]] = {"nf4": NF4Layout, "fp4": FP4Layout}
@@ -65,6 +66,10 @@ def _field(key: str, state: Mapping[str, Any], name: str, check, expected: str) 
     if not check(value):
         raise _error(key, f'"{name}" must be {expected}, got {value!r}')
     return value
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tensor(state_dict: Mapping[str, Any], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -98,13 +103,9 @@ def _load_layer(state_dict: Mapping[str, Any], weight_key: str, quant_type: str)
     layer = weight_key[: -len(".weight")] if weight_key.endswith(".weight") else weight_key
     state = _decode_quant_state(state_key, state_dict[state_key])
     _field(state_key, state, "quant_type", lambda v: v == quant_type, f'"{quant_type}" (as in the key name)')
-    block_size = _field(state_key, state, "blocksize", lambda v: v in codec.BLOCK_SIZES and not isinstance(v, bool), f"one of {list(codec.BLOCK_SIZES)}")
+    block_size = _field(state_key, state, "blocksize", codec.is_block_size, f"one of {list(codec.BLOCK_SIZES)}")
     dtype_name = _field(state_key, state, "dtype", lambda v: v in FLOAT_DTYPES, f"one of {sorted(FLOAT_DTYPES)}")
-    shape = _field(
-        state_key, state, "shape",
-        lambda v: isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v),
-        "a list of positive integers",
-    )
+    shape = _field(state_key, state, "shape", is_shape, "a list of positive integers")
     double_quant = "nested_offset" in state or "nested_blocksize" in state
     numel = math.prod(shape)
     blocks = codec.num_blocks(numel, block_size)
@@ -114,9 +115,10 @@ def _load_layer(state_dict: Mapping[str, Any], weight_key: str, quant_type: str)
     tensors = {"": _packed_bytes(weight_key, state_dict[weight_key], (numel + 1) // 2)}
     _same_table(state_dict, f"{weight_key}.quant_map", codec.codebook(quant_type), f"{quant_type} codebook")
     if double_quant:
-        _field(state_key, state, "nested_blocksize", lambda v: v == codec.NESTED_BLOCK_SIZE, str(codec.NESTED_BLOCK_SIZE))
+        nested = codec.NESTED_BLOCK_SIZE
+        _field(state_key, state, "nested_blocksize", lambda v: v == nested, str(nested))
         _field(state_key, state, "nested_dtype", lambda v: v == "float32", '"float32"')
-        offset = _field(state_key, state, "nested_offset", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number")
+        offset = _field(state_key, state, "nested_offset", _is_finite_number, "a finite number")
         _same_table(state_dict, f"{weight_key}.nested_quant_map", codec.DYNAMIC_MAP_SIGNED, "signed dynamic map")
         tensors[ABSMAX] = _tensor(state_dict, f"{weight_key}.absmax", torch.uint8, (blocks,))
         nested_blocks = codec.num_blocks(blocks, codec.NESTED_BLOCK_SIZE)
@@ -166,7 +168,7 @@ def to_bnb_4bit(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             continue
         params = value._params
         if params.transposed:
-            raise QuantFormatError(f"'{key}': cannot write a transposed view in bitsandbytes format; write the weight itself")
+            raise QuantFormatError(f"'{key}': cannot write a transposed view in bitsandbytes format; save the weight")
         layout = value.layout_cls
         dtype_name = {v: k for k, v in FLOAT_DTYPES.items()}[params.orig_dtype]
         state: dict[str, Any] = {"quant_type": layout.QUANT_TYPE, "blocksize": params.block_size,

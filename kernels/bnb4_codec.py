@@ -52,6 +52,7 @@ percent of nested codes by one step. GPU kernels in this package reproduce this 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -139,8 +140,13 @@ _MIDPOINTS = {name: _sorted_midpoints(code) for name, code in _CODEBOOKS.items()
 _ZERO_CODES = {name: int(order[torch.bucketize(torch.tensor(0.0), mids)]) for name, (mids, order) in _MIDPOINTS.items()}
 
 
+def is_block_size(value: Any) -> bool:
+    """True for one of ``BLOCK_SIZES`` as an int (not 64.0, not True)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in BLOCK_SIZES
+
+
 def _check_block_size(block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
+    if not is_block_size(block_size):
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
 
 
@@ -226,7 +232,9 @@ def _pack_nibbles(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
     return pairs[:, 0].bitwise_left_shift(4).bitwise_or_(pairs[:, 1])
 
 
-def quantize_4bit(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(
+    x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization, bit-exact with ``bitsandbytes.functional.quantize_4bit`` (CPU).
 
     Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``((numel + 1) // 2, 1)`` and
@@ -284,9 +292,15 @@ def dequantize_4bit(
     n = math.prod(shape)
     nbytes = (n + 1) // 2
     if packed.dtype != torch.uint8 or packed.numel() != nbytes:
-        raise ValueError(f"packed must be uint8 with {nbytes} bytes for shape {tuple(shape)}, got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed must be uint8 with {nbytes} bytes for shape {tuple(shape)}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
     if absmax_fp32.numel() != num_blocks(n, block_size):
-        raise ValueError(f"absmax must have {num_blocks(n, block_size)} values for {n} values in blocks of {block_size}, got {absmax_fp32.numel()}")
+        raise ValueError(
+            f"absmax must have {num_blocks(n, block_size)} values for {n} values in blocks of {block_size}, "
+            f"got {absmax_fp32.numel()}"
+        )
     packed = packed.reshape(-1)
     absmax_fp32 = absmax_fp32.reshape(-1).float()
     table = _BYTE_TABLES[quant_type].to(packed.device)
@@ -361,14 +375,17 @@ def quantize_nested_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return codes.view(-1)[:n].contiguous(), nested_absmax, offset
 
 
-def dequantize_nested_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor | float) -> torch.Tensor:
+def dequantize_nested_absmax(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor | float
+) -> torch.Tensor:
     """``DYNAMIC_MAP_SIGNED[codes] * nested_absmax[i // 256] + offset`` in float32."""
     n = codes.numel()
     if codes.dtype != torch.uint8:
         raise ValueError(f"nested absmax codes must be uint8, got {codes.dtype}")
     if nested_absmax.numel() != num_blocks(n, NESTED_BLOCK_SIZE):
         raise ValueError(
-            f"nested_absmax must have {num_blocks(n, NESTED_BLOCK_SIZE)} values for {n} codes, got {nested_absmax.numel()}"
+            f"nested_absmax must have {num_blocks(n, NESTED_BLOCK_SIZE)} values for {n} codes, "
+            f"got {nested_absmax.numel()}"
         )
     values = DYNAMIC_MAP_SIGNED.to(codes.device)[codes.reshape(-1).long()]
     scales = nested_absmax.reshape(-1).float().repeat_interleave(NESTED_BLOCK_SIZE)[:n]
