@@ -77,7 +77,8 @@ def test_components_of_a_full_checkpoint_follow_their_own_rules():
     ("blocks.0.fc.bias", (64,), True, "bias"),
     ("blocks.0.conv.weight", (64, 4, 3, 3), True, "not a 2-D linear weight"),
     ("blocks.0.fc.weight", (64, 64), False, "not floating point"),
-    ("blocks.0.norm_q.weight", (64, 64), True, "normalisation layer"),
+    ("blocks.0.norm_q.weight", (64,), True, "normalisation layer"),
+    ("transformer_blocks.0.norm1.linear.weight", (64, 64), True, None),  # adaptive-norm modulation: quantized
     ("blocks.0.fc.weight", (64, 64), True, None),
 ])
 def test_generic_rules(key, shape, is_float, reason):
