@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from collections import Counter
@@ -273,13 +274,20 @@ def quantize_weight(weight: torch.Tensor, layout: type[LowBitLayout], kwargs: di
     return QuantizedTensor.from_float(weight, layout.__name__, **kwargs), None
 
 
+def _misfit(layout: type[LowBitLayout], exc: Exception) -> str:
+    """The keep reason for a weight the format cannot hold, without the layer's name (so the
+    summary groups all layers kept for the same reason)."""
+    detail = re.sub(r"^(layer '[^']*'|quantized weight): ", "", str(exc))
+    return f"does not fit {layout.FORMAT}: {detail}"
+
+
 def _fits(layout: type[LowBitLayout], kwargs: dict, shape: tuple[int, ...]) -> str | None:
     """None if the layout can hold a weight of this shape, else its reason (tried on a few rows)."""
     probe = torch.randn(min(shape[0], 256), shape[1], dtype=torch.bfloat16)
     try:
         QuantizedTensor.from_float(probe, layout.__name__, **kwargs)
     except (QuantFormatError, ValueError) as exc:
-        return f"shape {tuple(shape)} does not fit {layout.FORMAT}: {exc}"
+        return _misfit(layout, exc)
     return None
 
 
@@ -412,7 +420,7 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
         with summary.timed("quantize"):
             qt, plain = quantize_weight(weight, layout, {**kwargs, "layer": layer}, options.optimize)
     except QuantFormatError as exc:  # the format cannot hold this shape: keep the weight as it is
-        reason = f"shape {info.shape} does not fit {layout.FORMAT}: {exc}"
+        reason = _misfit(layout, exc)
         writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
         summary.kept.append((step.key, reason))
         return info.nbytes
