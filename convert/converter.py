@@ -32,7 +32,9 @@ from .readers import FLOAT8, FOREIGN, QuantizedLayer, find_quantized_layers, to_
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .writer import OutputExistsError, SafetensorsWriter, WriteError
 
-ProgressCallback = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
+# (bytes done, bytes total, current tensor). It may raise to cancel (ComfyUI's interrupt does):
+# the exception propagates unchanged and no output is left.
+ProgressCallback = Callable[[int, int, str], None]
 
 
 class ConversionError(RuntimeError):

@@ -380,3 +380,20 @@ def test_read_error_mid_way_names_the_tensor_and_leaves_nothing(tmp_path, monkey
     with pytest.raises(ConversionError, match=r"in.safetensors: tensor '[^']+': read error \(Input/output error\)"):
         convert(src, tmp_path / "out.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def test_a_progress_callback_can_cancel(tmp_path):
+    """ComfyUI cancels by raising from the progress callback: that exception, and no output."""
+    src = _flux_file(tmp_path)
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total, key):
+        if done > total // 2:
+            raise Cancelled(key)
+
+    with pytest.raises(Cancelled):
+        convert_checkpoint(src, tmp_path / "out.safetensors", ConvertOptions(format=TOY), progress=progress,
+                           show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
