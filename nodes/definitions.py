@@ -12,6 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import loading
 from .convert_node import CONVERT_FORMATS, convert_in_models_folder, model_folders
 from ..layouts import FORMATS
+from .ops import UI_FORMATS, loading_format
 
 CATEGORY = "loaders/lowbit"
 
@@ -27,14 +28,6 @@ LORA_TOOLTIP = (
 )
 CLIP_TYPES = ["stable_diffusion", "sd3", "flux", "flux2", "wan", "hidream", "chroma", "lumina2",
               "qwen_image", "hunyuan_image", "ltxv", "mochi", "cosmos", "pixart", "stable_cascade"]
-
-
-# UI names -> format table names (the UI keeps short names; files carry the full ones).
-UI_FORMATS = {"nf4": "bnb_nf4", "fp4": "bnb_fp4", "int8_lodewise": "int8_lodewise", "w4a4": "svdquant_w4a4"}
-
-
-def loading_format(ui_name: str) -> str:
-    return UI_FORMATS.get(ui_name, ui_name)
 
 
 def quantize_choices() -> list[str]:

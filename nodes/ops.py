@@ -35,6 +35,14 @@ from ..layouts.comfy_quant import COMFY_QUANT, decode_config
 
 logger = logging.getLogger(__name__)
 
+# The nodes' short format names -> format table names (files carry the full ones).
+UI_FORMATS = {"nf4": "bnb_nf4", "fp4": "bnb_fp4", "int8_lodewise": "int8_lodewise", "w4a4": "svdquant_w4a4"}
+
+
+def loading_format(ui_name: str) -> str:
+    """A node's format choice -> the format table's name ("none" stays "none")."""
+    return UI_FORMATS.get(ui_name, ui_name)
+
 # Quantize-on-load touches the linear layers of repeated blocks only (a ``.<index>.`` in the
 # name: ``double_blocks.3.img_attn.qkv``, ``encoder.block.7.layer.0.SelfAttention.q``), the
 # same rule bitsandbytes Flux checkpoints follow: embedders and final projections are small
