@@ -10,8 +10,9 @@ from comfy_kitchen.tensor import register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
+from .w4a4 import W4A4Layout
 
-LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = ()
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (W4A4Layout,)
 
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 

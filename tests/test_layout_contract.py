@@ -60,10 +60,14 @@ def test_linear_matches_dequantized(layout, x_shape, with_bias, mode):
 def test_moves_and_copies_stay_quantized(layout):
     qt = QuantizedTensor.from_float(_weight(3), layout.__name__)
     ref = qt.dequantize()
-    for moved in (qt.to("cpu"), qt.to(torch.float16), qt.clone(), qt.detach(), qt.to(device="cpu", dtype=torch.float32)):
+    for moved in (qt.to("cpu"), qt.clone(), qt.detach()):
         assert isinstance(moved, QuantizedTensor) and moved._layout_cls == qt._layout_cls
-        assert torch.equal(moved.dequantize().float(), ref.float().to(moved.dtype).float())
-    assert qt.to(torch.float16).dtype == torch.float16
+        assert torch.equal(moved.dequantize(), ref)
+    for dtype in (torch.float16, torch.float32):
+        moved = qt.to(device="cpu", dtype=dtype)
+        assert isinstance(moved, QuantizedTensor) and moved.dtype == dtype
+        # Same stored data, decoded straight to the new dtype: equal up to that dtype's rounding.
+        torch.testing.assert_close(moved.dequantize().float(), ref.float(), rtol=1e-2, atol=1e-3)
     dst = QuantizedTensor.from_float(_weight(4), layout.__name__)
     dst.copy_(qt)
     assert torch.equal(dst.dequantize(), ref)

@@ -1,0 +1,191 @@
+"""W4A4 GEMM: int4 activations x int4 weights on int8 tensor cores, per-64-group scales, low-rank epilogue.
+
+Inputs (the weight as stored by ``W4A4Layout``/comfy-kitchen, the activation from
+``w4a4_quantize.quantize_activations``):
+
+    qweight (N, K/2) int8   byte j of row n: bits 0..3 = code of column 2j, bits 4..7 = column
+                            2j+1, two's-complement nibbles (-8..7)
+    wscales (K/64, N)       fp (bf16/fp16/fp32)
+    codes   (M, K) int8     activation codes, split group order (evens, then odds, per 64)
+    ascales (M, K/64) fp32
+    lora    (M, R) fp32     x @ proj_down
+    proj_up (N, R) fp
+
+Math, per output element:
+
+    out[m, n] = sum_g ascale[m, g] * wscale[g, n] * D_g[m, n]  +  lora[m] . proj_up[n]  +  bias[n]
+    D_g       = codes_even(m, g) . W_lo(n, g) + codes_odd(m, g) . W_hi(n, g)      (exact int32)
+
+Hopper has no int4 MMA, so each 32-byte weight slice is unpacked in registers with two
+shifts (``(b << 4) >> 4`` and ``b >> 4``, arithmetic on int8) into the even and odd halves of
+the group and fed to an int8 ``tl.dot`` (wgmma s8 on sm_90, mma on sm_80) against the
+activation halves, which the quantizer already wrote apart: no interleave anywhere. D_g is at
+most 64 * 8 * 15 in magnitude, so it converts to fp32 exactly; with ``MAGIC_CVT`` the
+conversion is an integer add plus a float subtract (bits of 1.5 * 2**23 + D) instead of an
+I2F instruction, whose throughput is a quarter of the FMA pipe's.
+
+The same kernel is the small-M GEMV path: with BLOCK_M >= M the grid spans only N, so the
+packed weight is read exactly once; only the tile shapes differ (see ``_configs``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP = 64
+CVT_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)
+CVT_MAGIC_F: tl.constexpr = tl.constexpr(12582912.0)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(..., K/2) int8 -> (..., K) int8 codes -8..7 in natural order (low nibble = even column)."""
+    p = packed.to(torch.int16)
+    lo = ((p & 0x0F) ^ 8) - 8
+    hi = (((p >> 4) & 0x0F) ^ 8) - 8
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], -1).to(torch.int8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., K) int codes -8..7 -> (..., K/2) int8, low nibble = even column."""
+    c = codes.to(torch.int16)
+    return ((c[..., 0::2] & 0x0F) | ((c[..., 1::2] & 0x0F) << 4)).to(torch.uint8).view(torch.int8)
+
+
+def w4a4_gemm_reference(
+    codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+    lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Plain-PyTorch reference in fp32 on *natural-order* codes: dequantize both sides, matmul."""
+    m, k = codes.shape
+    n = qweight.shape[0]
+    a = (codes.float().view(m, k // GROUP, GROUP) * ascales.float().unsqueeze(-1)).view(m, k)
+    w = (unpack_int4(qweight).float().view(n, k // GROUP, GROUP) * wscales.float().t().unsqueeze(-1)).view(n, k)
+    out = a @ w.t() + lora.float() @ proj_up.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+@triton.jit
+def w4a4_gemm_kernel(
+    a_ptr, ascales_ptr, w_ptr, wscales_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MAGIC_CVT: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    half = tl.arange(0, 32)
+    num_groups = K // 64
+    k_bytes = K // 2
+
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * K + half[None, :]
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * k_bytes + half[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(num_groups):
+        a_even = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0)
+        a_odd = tl.load(a_rows + g * 64 + 32, mask=row_ok[:, None], other=0)
+        packed = tl.load(w_cols + g * 32, mask=col_ok[None, :], other=0)
+        w_lo = (packed << 4) >> 4
+        w_hi = packed >> 4
+        d = tl.dot(a_even, w_lo, out_dtype=tl.int32)
+        d = tl.dot(a_odd, w_hi, d, out_dtype=tl.int32)
+        if MAGIC_CVT:
+            f = (d + CVT_MAGIC).to(tl.float32, bitcast=True) - CVT_MAGIC_F
+        else:
+            f = d.to(tl.float32)
+        a_scale = tl.load(ascales_ptr + rows.to(tl.int64) * num_groups + g, mask=row_ok, other=0.0)
+        w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += f * (a_scale[:, None] * w_scale[None, :])
+
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < R
+    lora = tl.load(lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
+                   mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    up = tl.load(up_ptr + cols[None, :].to(tl.int64) * R + ranks[:, None],
+                 mask=col_ok[None, :] & rank_ok[:, None], other=0.0).to(tl.float32)
+    acc = tl.dot(lora, up, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _config(bm, bn, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+
+
+# Tile shapes as data, by M bucket. Small M: one row tile (weight read once), narrow N tiles
+# so N/BLOCK_N programs fill the 132 SMs. Large M: wide tiles so each unpacked weight tile
+# serves many rows.
+_CONFIGS = {
+    "gemv": [_config(16, 32, 4, 4), _config(16, 64, 4, 4), _config(16, 128, 4, 3)],
+    "mid": [_config(64, 64, 4, 4), _config(64, 128, 4, 4), _config(128, 128, 8, 3)],
+    "large": [_config(128, 128, 8, 3), _config(128, 256, 8, 3), _config(256, 128, 8, 3), _config(128, 128, 4, 4)],
+}
+
+
+def _bucket(m: int) -> str:
+    return "gemv" if m <= 16 else "mid" if m <= 512 else "large"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _launcher(bucket: str):
+    """The autotuned kernel for one M bucket (built lazily: autotune fails under the interpreter)."""
+    if bucket not in _TUNED:
+        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS"])(w4a4_gemm_kernel)
+    return _TUNED[bucket]
+
+
+def w4a4_gemm(
+    codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+    lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+    *, magic_cvt: bool = True, config: dict | None = None,
+) -> torch.Tensor:
+    """Triton launcher on split-order codes; shapes as in the module header. ``config`` pins
+    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants)."""
+    m, k = codes.shape
+    n = qweight.shape[0]
+    r = proj_up.shape[1]
+    expected = {"qweight": (n, k // 2), "wscales": (k // GROUP, n), "ascales": (m, k // GROUP), "lora": (m, r)}
+    got = {"qweight": qweight.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
+    for name, shape in expected.items():
+        if tuple(got[name]) != shape:
+            raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
+    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    args = (
+        codes, ascales, qweight.contiguous(), wscales.contiguous(), lora, proj_up.contiguous(),
+        bias if bias is not None else out, out, m, n, k, r, out.stride(0),
+    )
+    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, MAGIC_CVT=magic_cvt)
+    if config is None and not _interpreting():
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        _launcher(_bucket(m))[grid](*args, **meta)
+        return out
+    c = dict(config or {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "GROUP_M": 4})
+    warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+    w4a4_gemm_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
+    return out
