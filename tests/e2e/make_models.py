@@ -40,6 +40,9 @@ def main(comfyui_dir: str, package_dir: str, models_dir: str, formats: list[str]
     import torch
     from safetensors.torch import save_file
 
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # building a model file needs no GPU, and there may be none
     import comfy.ldm.flux.model
     import comfy.ops
     from comfy_kitchen.tensor import QuantizedTensor

@@ -177,7 +177,8 @@ def _check_image(pixels) -> None:
 def test_nodes_are_registered(comfy):
     info = comfy.get("/object_info/LowBitModelLoader")["LowBitModelLoader"]
     assert info["display_name"] == "Load Diffusion Model (LowBit)"
-    names = info["input"]["required"]["unet_name"][0]
+    unet = info["input"]["required"]["unet_name"]  # V3 combo: ("COMBO", {"options": [...]})
+    names = unet[1]["options"] if unet[0] == "COMBO" else unet[0]
     assert "tiny_flux_bf16.safetensors" in names
     for node in ("LowBitCheckpointLoader", "LowBitCLIPLoader", "LowBitConvert"):
         assert node in comfy.get(f"/object_info/{node}")
