@@ -112,9 +112,11 @@ def pop_lowbit_layer(state_dict, prefix: str) -> QuantizedTensor | None:
         return None
     if decode_config(conf, layer)["format"] not in FORMATS:
         return None  # ComfyUI's own format (fp8, nvfp4, ...): its loader reads it
-    qt = load_layer(layer, state_dict)
-    for key in [k for k in state_dict if k.startswith(f"{prefix}weight")] + [f"{prefix}{COMFY_QUANT}"]:
-        state_dict.pop(key, None)
+    keys = [k for k in state_dict if k.startswith(f"{prefix}weight")] + [f"{prefix}{COMFY_QUANT}"]
+    name = layer or "<root>"  # a module loaded on its own has the empty prefix
+    qt = load_layer(name, {f"{name}.{key[len(prefix):]}": state_dict[key] for key in keys})
+    for key in keys:
+        state_dict.pop(key)
     return qt
 
 

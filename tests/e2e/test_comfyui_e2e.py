@@ -68,8 +68,12 @@ class ComfyServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "comfyui.log"
+        # The test drives the HTTP API only: a one-page web root spares the 80 MB frontend package.
+        web = base / "web"
+        web.mkdir(exist_ok=True)
+        (web / "index.html").write_text("<html><body>ComfyUI-LowBit e2e</body></html>")
         args = [_python(), "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-                "--disable-auto-launch", "--base-directory", str(base)]
+                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base), "--front-end-root", str(web)]
         if not GPU:
             args.append("--cpu")
         self.log = open(self.log_path, "w")
