@@ -120,6 +120,12 @@ def pop_lowbit_layer(state_dict, prefix: str) -> QuantizedTensor | None:
     return qt
 
 
+def lowbit_entries(prefix: str, weight: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """Our per-layer file entries of a module's weight under ``prefix`` ("" allowed)."""
+    name = prefix[:-1] or "<root>"
+    return {prefix + key[len(name) + 1:]: value for key, value in layer_state_dict(name, weight).items()}
+
+
 def lowbit_operations(
     quantize: str | None = None,
     quantize_device: torch.device | None = None,
@@ -178,7 +184,7 @@ def lowbit_operations(
                 sd = destination if destination is not None else {}
                 if self.bias is not None:
                     sd[f"{prefix}bias"] = self.bias
-                sd.update(layer_state_dict(prefix[:-1], self.weight))
+                sd.update(lowbit_entries(prefix, self.weight))
                 return sd
 
     LowBitOps.__name__ = LowBitOps.__qualname__ = f"LowBitOps[{quantize or 'files'}]"

@@ -18,7 +18,7 @@ import inspect
 import logging
 import os
 
-from .ops import adopt_weight, is_lowbit, pop_lowbit_layer, register_quant_algos
+from .ops import adopt_weight, is_lowbit, lowbit_entries, pop_lowbit_layer, register_quant_algos
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,9 @@ def install() -> bool:
         weight = getattr(module, "weight", None)
         if not is_lowbit(weight):
             return save(module, sd, prefix, *args, **kwargs)
-        from ..layouts import layer_state_dict
-
         if getattr(module, "bias", None) is not None:
             sd[f"{prefix}bias"] = module.bias
-        sd.update(layer_state_dict(prefix[:-1], weight))
+        sd.update(lowbit_entries(prefix, weight))
         return sd
 
     load_quantized_module._comfy_lowbit = True
