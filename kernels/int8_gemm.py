@@ -148,7 +148,7 @@ def _w8a16_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_wn, stride_wsn, stride_om,
-    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -160,8 +160,11 @@ def _w8a16_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // QBLOCK):
         x = tl.load(x_ptrs)
-        w = tl.load(w_ptrs).to(x.dtype)  # int8 codes are exact in bf16/fp16
-        part = tl.dot(x, w, out_dtype=tl.float32)
+        w = tl.load(w_ptrs)
+        if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (Triton 3.9): same math in fp32
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32)
+        else:
+            part = tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)  # exact: |q| <= 127
         sw = tl.load(w_scale_ptr + wn * stride_wsn + kb)
         acc += part * sw[None, :]
         x_ptrs += QBLOCK
@@ -284,7 +287,7 @@ def w8a16_matmul(
     out = _output(m, n, x.dtype, x.device)
     if m == 0:
         return out
-    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size)
+    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, DOT_IN_FP32=INTERPRETING)
     grid, kernel, kwargs = _launch(_w8a16_tuned, _w8a16_kernel, PLAIN_W8A16, (m, n), kwargs, config)
     kernel[grid](
         x, w_q, w_scale, bias if bias is not None else out, out,

@@ -44,12 +44,12 @@ def _gemv_kernel(
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for kb0 in range(0, num_blocks, STEP_BLOCKS):
         for j in tl.static_range(STEP_BLOCKS):
-            kb = kb0 + j
-            ok = kb < num_blocks
-            kcol = kb * QBLOCK + offs_k
-            w = tl.load(w_rows + kcol[None, :], mask=ok, other=0).to(tl.float32)  # (BLOCK_N, QBLOCK)
-            x = tl.load(x_rows + kcol[None, :], mask=ok, other=0.0).to(tl.float32)  # (ROWS, QBLOCK)
-            s = tl.load(w_scale_ptr + wn * stride_wsn + kb, mask=ok, other=0.0)  # (BLOCK_N,)
+            kb = tl.minimum(kb0 + j, num_blocks - 1)  # a step past the end re-reads the last block...
+            kcol = (kb0 + j) * QBLOCK + offs_k
+            k_ok = (kcol < K)[None, :]  # ...with its x masked to 0, so it adds nothing
+            w = tl.load(w_rows + kcol[None, :], mask=k_ok, other=0).to(tl.float32)  # (BLOCK_N, QBLOCK)
+            x = tl.load(x_rows + kcol[None, :], mask=k_ok, other=0.0).to(tl.float32)  # (ROWS, QBLOCK)
+            s = tl.load(w_scale_ptr + wn * stride_wsn + kb)  # (BLOCK_N,)
             part = tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # (ROWS, BLOCK_N)
             acc += part * s[None, :]
     if HAS_BIAS:
