@@ -177,12 +177,13 @@ def _w8a16_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is the quantization block. The W8A8
 # tile holds an int32 and an fp32 accumulator, so 128x128 per warpgroup is the register
 # ceiling; larger tiles need 8 warps.
-W8A8_TILES = [(128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4), (64, 256, 8, 4)]
-W8A16_TILES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (16, 256, 4, 3)]
+W8A8_TILES = [(128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4)]
+# Small M is bound by the weight read: narrow N tiles keep enough programs for 132 SMs.
+W8A16_TILES = [(16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (16, 128, 4, 4)]
 SMEM_LIMIT = 220 * 1024
 
 
-def _configs(tiles, a_bytes):
+def _configs(tiles):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, w, s in tiles
@@ -204,11 +205,11 @@ if INTERPRETING:
     _w8a16_tuned = _w8a16_kernel
 else:
     _w8a8_tuned = triton.autotune(
-        _configs(W8A8_TILES, 1), key=["M_BUCKET", "N", "K", "QBLOCK"],
+        _configs(W8A8_TILES), key=["M_BUCKET", "N", "K", "QBLOCK"],
         prune_configs_by={"early_config_prune": _fits_smem(1)},
     )(_w8a8_kernel)
     _w8a16_tuned = triton.autotune(
-        _configs(W8A16_TILES, 2), key=["M_BUCKET", "N", "K", "QBLOCK"],
+        _configs(W8A16_TILES), key=["M_BUCKET", "N", "K", "QBLOCK"],
         prune_configs_by={"early_config_prune": _fits_smem(2)},
     )(_w8a16_kernel)
 

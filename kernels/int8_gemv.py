@@ -60,7 +60,9 @@ def _gemv_kernel(
 
 
 # (BLOCK_N, STEP_BLOCKS, num_warps): a step loads BLOCK_N * STEP_BLOCKS * B bytes of weight.
-GEMV_TILES = [(8, 2, 4), (8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 8), (16, 8, 8), (4, 4, 4)]
+# A (BLOCK_N, B) int8 tile spans num_warps * 32 threads at 16 bytes each when BLOCK_N * B =
+# num_warps * 512; larger STEP_BLOCKS puts more independent 16-byte loads in flight per thread.
+GEMV_TILES = [(8, 4, 2), (8, 8, 2), (16, 4, 4), (16, 8, 4), (32, 4, 8), (32, 8, 8)]
 
 if INTERPRETING:
     _gemv_tuned = _gemv_kernel
