@@ -6,18 +6,28 @@ the loader and the demo all read ``FORMATS``; a new format is one import and one
 """
 from __future__ import annotations
 
-from comfy_kitchen.tensor import register_layout_class
+from comfy_kitchen.tensor import get_layout_class, register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
+from .int8_lodewise import BlockWiseINT8LayoutLodeWise
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
 from .w4a4 import W4A4Layout
 
-LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (W4A4Layout,)
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (
+    BlockWiseINT8LayoutLodeWise,
+    W4A4Layout,
+)
 
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 
 for _cls in LAYOUT_CLASSES:
-    register_layout_class(_cls.__name__, _cls)
+    # pytest also imports the repository root as a package named after the checkout's
+    # directory, i.e. a second copy of these classes; the first registration wins so that
+    # every QuantizedTensor resolves to the classes comfy_lowbit's own modules check against.
+    try:
+        get_layout_class(_cls.__name__)
+    except KeyError:
+        register_layout_class(_cls.__name__, _cls)
 
 __all__ = [
     "FORMATS",

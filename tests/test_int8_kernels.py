@@ -1,0 +1,199 @@
+"""The int8_lodewise kernels against their references (interpreter on the CPU, Triton on CUDA).
+
+Small odd shapes, activations with outlier channels, every block size, outputs poisoned with
+NaN before each launch (an unwritten element can never pass), and NaN inputs must come out
+as NaN. The W8A8 GEMM is held to the exact-integer reference of the *same* quantized
+operands, to fp32 rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_lowbit.kernels import int8_gemm, int8_gemv
+from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a8_reference, w8a16_matmul, w8a16_reference
+from comfy_lowbit.kernels.int8_gemv import w8a16_gemv
+from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference, quantize_rows
+
+from support import KERNEL_DEVICE, outlier_matrix, relative_error
+
+BLOCKS = (64, 128, 256)
+ON_GPU = KERNEL_DEVICE == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output the launchers allocate starts as NaN (int8 outputs as -128, never written)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype == torch.int8:
+            t.fill_(-128)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)  # the launchers call torch.empty
+
+
+def _weight(n, k, block, seed):
+    w = outlier_matrix(n, k, seed=seed, scale=6.0) / k**0.5
+    q, s = quantize_blockwise_reference(w, block)
+    return q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE)
+
+
+def _quantize_on_device(x, block):
+    q, scale_t = quantize_rows(x.to(KERNEL_DEVICE), block)
+    return q, scale_t
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (7, torch.bfloat16), (37, torch.float16)])
+def test_activation_quantization_matches_reference(block, rows, dtype):
+    k = 2 * block
+    x = outlier_matrix(rows, k, seed=rows + block, scale=30.0).to(dtype)
+    x[0, :block] = 0.0  # an all-zero block: scale 0, codes 0
+    q, scale_t = _quantize_on_device(x, block)
+    q_ref, s_ref = quantize_blockwise_reference(x, block)
+    assert torch.equal(scale_t.t().cpu(), s_ref), "scales differ from absmax / 127"
+    assert torch.equal(q.cpu(), q_ref), f"first mismatch at {(q.cpu() != q_ref).nonzero()[:3].tolist()}"
+    assert q.min() >= -127 and s_ref[0, 0] == 0 and (q[0, :block] == 0).all()
+    # Round to nearest (not truncation): every code within half a step of x / scale.
+    v = x.float().reshape(rows, -1, block) / s_ref.clamp_min(1e-30)[:, :, None]
+    assert (v.reshape(rows, k) - q_ref.float()).abs().max() <= 0.5 + 1e-4
+
+
+def test_activation_quantization_marks_non_finite_blocks():
+    x = outlier_matrix(3, 256, seed=1).to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    x[2, 200] = float("inf")
+    _, scale_t = _quantize_on_device(x, 128)
+    s = scale_t.t().cpu()
+    assert torch.isnan(s[1, 0]) and torch.isnan(s[2, 1])
+    assert torch.isfinite(s[0]).all() and torch.isfinite(s[1, 1]) and torch.isfinite(s[2, 0])
+
+
+def _check_w8a8(out, q, scale_t, w_q, w_s, block, bias):
+    ref, magnitude = w8a8_reference(q, scale_t.t(), w_q, w_s, block, bias)
+    nb = q.shape[1] // block
+    # fp32: scale product, per-block product and one add per block, each <= 2^-24 relative.
+    bound = (3 * nb + 4) * 2.0**-24 * (magnitude + (0 if bias is None else bias.cpu().double().abs()))
+    if out.dtype != torch.float32:
+        ulp = torch.finfo(out.dtype).eps
+        bound = bound + ulp * ref.abs() + 1e-30  # one output rounding (interpreter truncates)
+    err = (out.cpu().double() - ref).abs()
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), f"W8A8 off the exact-integer reference at {divmod(worst.item(), out.shape[1])}"
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("m,n,kb", [(1, 33, 2), (17, 40, 3), (50, 17, 1)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype):
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=m + n)
+    x = outlier_matrix(m, k, seed=m * n, scale=25.0).to(torch.bfloat16)
+    bias = torch.randn(n).to(KERNEL_DEVICE) if m != 50 else None
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul(q, scale_t, w_q, w_s, block, bias, out_dtype=out_dtype, config=int8_gemm.PLAIN_W8A8)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
+    # And stays near the float64 product with the unquantized x: this adds the activation
+    # quantization error (about 0.02-0.03 with 25x outlier channels in every block).
+    assert relative_error(out, w8a16_reference(x.float(), w_q, w_s, block, bias)) < 0.05
+
+
+@pytest.mark.parametrize("exact_cvt", [True, False])
+def test_w8a8_conversions_agree(exact_cvt):
+    block, m, n, k = 128, 19, 24, 384
+    w_q, w_s = _weight(n, k, block, seed=3)
+    # Extreme codes: every partial near +-127 * 127 * block, the edge of the exact range.
+    w_q = torch.where(torch.rand(n, k).to(KERNEL_DEVICE) < 0.5, -127, 127).to(torch.int8)
+    x = torch.where(torch.rand(m, k) < 0.5, -1.0, 1.0).to(torch.bfloat16)
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul(q, scale_t, w_q, w_s, block, None, torch.float32, exact_cvt=exact_cvt, config=int8_gemm.PLAIN_W8A8)
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, None)
+
+
+def test_w8a8_propagates_nan_rows():
+    block, m, n, k = 64, 5, 16, 128
+    w_q, w_s = _weight(n, k, block, seed=4)
+    x = outlier_matrix(m, k, seed=5).to(torch.bfloat16)
+    x[2, 70] = float("nan")
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul(q, scale_t, w_q, w_s, block, None, torch.float32, config=int8_gemm.PLAIN_W8A8).cpu()
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
+
+
+def _check_weight_only(out, x, w_q, w_s, block, bias):
+    ref = w8a16_reference(x, w_q, w_s, block, bias)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
+    # bf16/fp16 activations are exact inputs; fp32 accumulation and one output rounding.
+    tol = {torch.float32: 2e-6, torch.bfloat16: 6e-3, torch.float16: 1e-3}[out.dtype]
+    assert relative_error(out, ref) < tol
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("m,n,kb,dtype", [(5, 33, 2, torch.bfloat16), (18, 20, 3, torch.float16)])
+def test_w8a16_matches_reference(block, m, n, kb, dtype):
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=n)
+    x = outlier_matrix(m, k, seed=m, scale=25.0).to(dtype)
+    bias = torch.randn(n).to(dtype).to(KERNEL_DEVICE)
+    out = w8a16_matmul(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemm.PLAIN_W8A16)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _check_weight_only(out, x, w_q, w_s, block, bias)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("m,n,kb,dtype", [(1, 37, 3, torch.bfloat16), (3, 9, 1, torch.float32), (4, 70, 2, torch.float16)])
+def test_gemv_matches_reference(block, m, n, kb, dtype):
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=k)
+    x = outlier_matrix(m, k, seed=n, scale=25.0).to(dtype)
+    bias = None if m == 3 else torch.randn(n).to(KERNEL_DEVICE)
+    out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV)
+    assert out.shape == (m, n) and out.dtype == dtype
+    _check_weight_only(out, x, w_q, w_s, block, bias)
+
+
+def test_weight_only_paths_propagate_nan():
+    block, n, k = 128, 24, 256
+    w_q, w_s = _weight(n, k, block, seed=9)
+    x = outlier_matrix(6, k, seed=9).to(torch.bfloat16)
+    x[1, 3] = float("nan")
+    x = x.to(KERNEL_DEVICE)
+    for out in (w8a16_gemv(x[:2], w_q, w_s, block, config=int8_gemv.PLAIN_GEMV),
+                w8a16_matmul(x, w_q, w_s, block, config=int8_gemm.PLAIN_W8A16)):
+        out = out.cpu()
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_launchers_reject_bad_operands():
+    w_q, w_s = _weight(16, 256, 128, seed=0)
+    x = torch.randn(20, 256).to(torch.bfloat16).to(KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="not a multiple"):
+        quantize_rows(x[:, :200], 128)
+    with pytest.raises(ValueError, match="block_size"):
+        quantize_rows(x, 96)
+    with pytest.raises(ValueError, match="scale"):
+        w8a16_matmul(x, w_q, w_s.t().contiguous(), 128)
+    q, scale_t = quantize_rows(x, 128)
+    with pytest.raises(ValueError, match="activation scale"):
+        w8a8_matmul(q, scale_t.t().contiguous(), w_q, w_s, 128)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuned launches need a GPU")
+@pytest.mark.parametrize("m", [1, 3, 24, 200])
+def test_autotuned_paths_on_gpu(m):
+    block, n, k = 128, 3 * 128 + 5, 6 * 128
+    w_q, w_s = _weight(n, k, block, seed=m)
+    x = outlier_matrix(m, k, seed=m, scale=25.0).to(torch.bfloat16).to(KERNEL_DEVICE)
+    bias = torch.randn(n, device=KERNEL_DEVICE)
+    if m <= 4:
+        _check_weight_only(w8a16_gemv(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
+    _check_weight_only(w8a16_matmul(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
+    q, scale_t = quantize_rows(x, block)
+    _check_w8a8(w8a8_matmul(q, scale_t, w_q, w_s, block, bias), q, scale_t, w_q, w_s, block, bias)
