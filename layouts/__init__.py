@@ -10,8 +10,8 @@ from comfy_kitchen.tensor import get_layout_class, register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
 from .bnb4 import FP4Layout, NF4Layout
-from .int8_lodewise import BlockWiseINT8LayoutLodeWise
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
+from .int8_lodewise import BlockWiseINT8LayoutLodeWise
 from .w4a4 import W4A4Layout
 
 LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (
