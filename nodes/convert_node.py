@@ -10,7 +10,6 @@ import os
 
 # The models folders whose files the node offers (ComfyUI's folder_paths names).
 MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
-CONVERT_FORMATS = ("nf4", "fp4", "int8_lodewise", "w4a4")
 
 
 def model_folders() -> tuple[str, ...]:
@@ -23,8 +22,12 @@ def output_name(name: str, fmt: str, suffix: str = "") -> str:
     return f"{stem}-{suffix.strip() or fmt}.safetensors"
 
 
-def convert_in_models_folder(choice: str, fmt: str, suffix: str = "", overwrite: bool = False) -> tuple[str, str]:
-    """Convert ``<folder>/<file>`` to ``fmt``; returns (new file name in that folder, summary text)."""
+def convert_in_models_folder(choice: str, fmt: str, suffix: str = "", overwrite: bool = False,
+                             **options) -> tuple[str, str]:
+    """Convert ``<folder>/<file>`` to ``fmt``; returns (new file name in that folder, summary text).
+
+    ``options``: further ``ConvertOptions`` fields (block_size, double_quant, optimize, ...).
+    """
     import comfy.utils
     import folder_paths
 
@@ -39,20 +42,14 @@ def convert_in_models_folder(choice: str, fmt: str, suffix: str = "", overwrite:
 
     bar = None
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int, key: str = "") -> None:
         nonlocal bar
         if bar is None:
             bar = comfy.utils.ProgressBar(total)
         bar.update_absolute(done, total)
 
-    summary = run_converter(src, dst, fmt, progress)
-    return new_name, str(summary)
+    from ..convert.converter import ConvertOptions, convert_checkpoint
 
-
-def run_converter(src: str, dst: str, fmt: str, progress):
-    """Call the converter library; a clear error if this build has none."""
-    try:
-        from ..convert.converter import convert_file
-    except ImportError as exc:
-        raise RuntimeError(f"this comfy_lowbit build has no converter ({exc})") from None
-    return convert_file(src, dst, fmt, progress=progress)
+    summary = convert_checkpoint(src, dst, ConvertOptions(format=fmt, overwrite=overwrite, **options),
+                                 progress=progress, show_progress=False)
+    return new_name, summary.format_text()

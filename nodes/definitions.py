@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from . import loading
-from .convert_node import CONVERT_FORMATS, convert_in_models_folder, model_folders
+from .convert_node import convert_in_models_folder, model_folders
 from ..layouts import FORMATS
 from .ops import UI_FORMATS, loading_format
 
@@ -151,9 +151,18 @@ class LowBitConvert(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Combo.Input("model", options=files, tooltip="<folder>/<file> to convert."),
-                io.Combo.Input("format", options=list(CONVERT_FORMATS), default=CONVERT_FORMATS[0],
+                io.Combo.Input("format", options=quantize_choices()[1:], default=quantize_choices()[1:][:1] or None,
                                tooltip="Target format: nf4/fp4 (4-bit, bitsandbytes-exact), int8_lodewise "
                                        "(8-bit), w4a4 (SVDQuant, 4-bit weights and activations)."),
+                io.Int.Input("block_size", default=0, min=0, max=4096, step=16,
+                             tooltip="Values per scale (nf4/fp4: 64 like bitsandbytes; int8: 128). 0: the format's "
+                                     "default."),
+                io.Boolean.Input("double_quant", default=False,
+                                 tooltip="nf4/fp4: also quantize the per-block scales to 8 bits (bitsandbytes "
+                                         "'compress_statistics'), ~0.4 bit per weight smaller."),
+                io.Boolean.Input("optimize", default=False,
+                                 tooltip="nf4/fp4: search each block's scale to minimise its error (slower "
+                                         "conversion, same file format, lower error)."),
                 io.String.Input("suffix", default="", tooltip="Appended to the new file's name; empty: the format name."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace the output file if it exists."),
             ],
@@ -164,8 +173,10 @@ class LowBitConvert(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, format, suffix="", overwrite=False):
-        name, summary = convert_in_models_folder(model, loading_format(format), suffix, overwrite)
+    def execute(cls, model, format, block_size=0, double_quant=False, optimize=False, suffix="", overwrite=False):
+        name, summary = convert_in_models_folder(
+            model, loading_format(format), suffix, overwrite,
+            block_size=block_size or None, double_quant=double_quant, optimize=optimize)
         return io.NodeOutput(name, summary, ui={"text": [f"{name}\n{summary}"]})
 
 

@@ -108,6 +108,14 @@ class ComfyServer:
 
     def run(self, workflow: str, **subs) -> Path:
         """Queue ``workflows/<workflow>.json`` with ``$KEY`` -> value; return the saved image."""
+        outputs = self.run_outputs(workflow, **subs)
+        images = [img for out in outputs.values() for img in out.get("images", [])]
+        assert len(images) == 1, outputs
+        img = images[0]
+        return self.base / "output" / img.get("subfolder", "") / img["filename"]
+
+    def run_outputs(self, workflow: str, **subs) -> dict:
+        """Queue ``workflows/<workflow>.json`` with ``$KEY`` -> value; return its outputs."""
         text = (HERE / "workflows" / f"{workflow}.json").read_text()
         graph = json.loads(text)
         for node in graph.values():
@@ -123,10 +131,7 @@ class ComfyServer:
                 if status.get("status_str") != "success":
                     raise AssertionError(f"{workflow} {subs}: {json.dumps(status.get('messages'))[-3000:]}\n"
                                          f"{self.log_tail()}")
-                images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-                assert len(images) == 1, entry["outputs"]
-                img = images[0]
-                return self.base / "output" / img.get("subfolder", "") / img["filename"]
+                return entry["outputs"]
             time.sleep(0.2)
         raise TimeoutError(f"{workflow} {subs} did not finish in {PROMPT_TIMEOUT_S}s\n{self.log_tail()}")
 
@@ -217,6 +222,19 @@ def test_formats_sample_with_lora(comfy):
             report[f"{fmt}/{name}"] = err
             assert err < lora_effect, (f"{fmt} {name}: {err:.4f} from bf16+LoRA, the LoRA itself moves the image "
                                        f"{lora_effect:.4f}")
+    # The converter node: bf16 file -> a new quantized file beside it, which then samples.
+    fmt, ui_name = next(iter(comfy.formats.items()))
+    outputs = comfy.run_outputs("convert", source="diffusion_models/tiny_flux_bf16.safetensors", quantize=ui_name)
+    text = outputs["1"]["text"][0]
+    new_name = text.splitlines()[0]
+    assert new_name == "tiny_flux_bf16-e2e.safetensors", text
+    assert (comfy.base / "models" / "diffusion_models" / new_name).exists()
+    assert "quantized" in text and fmt in text, text
+    pixels = _pixels(comfy.run("lowbit_loader_lora", model=new_name, quantize="none", lora_mode="requantize",
+                               lora_strength=1.0, prefix=f"{fmt}_converted"))
+    _check_image(pixels)
+    report[f"{fmt}/converted+requantize"] = err = _distance(pixels, ref_lora)
+    assert err < lora_effect, f"converted {fmt}: {err:.4f} vs LoRA effect {lora_effect:.4f}"
     print(json.dumps(report, indent=1))
     if os.environ.get("COMFYUI_E2E_REPORT"):
         Path(os.environ["COMFYUI_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
