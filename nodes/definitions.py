@@ -151,7 +151,7 @@ class LowBitConvert(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Combo.Input("model", options=files, tooltip="<folder>/<file> to convert."),
-                io.Combo.Input("format", options=quantize_choices()[1:], default=quantize_choices()[1:][:1] or None,
+                io.Combo.Input("format", options=quantize_choices()[1:], default=(quantize_choices()[1:] or [None])[0],
                                tooltip="Target format: nf4/fp4 (4-bit, bitsandbytes-exact), int8_lodewise "
                                        "(8-bit), w4a4 (SVDQuant, 4-bit weights and activations)."),
                 io.Int.Input("block_size", default=0, min=0, max=4096, step=16,
