@@ -7,7 +7,8 @@ Runs when ``COMFYUI_DIR`` points at a ComfyUI work tree (skips otherwise, as in 
     COMFYUI_DIR=... python tests/e2e/test_comfyui_e2e.py [--gpu]      # same, --gpu: no --cpu flag
 
 ``COMFYUI_PYTHON`` picks the interpreter for ComfyUI (default: ``$COMFYUI_DIR/venv/bin/python``
-if it exists, else this one); ``COMFYUI_E2E_GPU=1`` is ``--gpu``. Each run makes a fresh base
+if it exists, else this one); ``COMFYUI_E2E_GPU=1`` is ``--gpu``; ``COMFYUI_E2E_ARGS`` adds ComfyUI flags (``--novram`` offloads
+every weight to the CPU and streams it per layer: the low-VRAM path). Each run makes a fresh base
 directory (models, custom_nodes with this repository and the two test nodes in
 ``e2e_nodes/``, output, user), starts ``main.py`` headless on a free port, and queues the
 API-format workflows of ``workflows/`` over HTTP with their ``$PLACEHOLDERS`` filled in.
@@ -76,6 +77,7 @@ class ComfyServer:
                 "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base), "--front-end-root", str(web)]
         if not GPU:
             args.append("--cpu")
+        args += os.environ.get("COMFYUI_E2E_ARGS", "").split()  # e.g. --novram: offload every weight
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + START_TIMEOUT_S
@@ -235,6 +237,9 @@ def test_formats_sample_with_lora(comfy):
     _check_image(pixels)
     report[f"{fmt}/converted+requantize"] = err = _distance(pixels, ref_lora)
     assert err < lora_effect, f"converted {fmt}: {err:.4f} vs LoRA effect {lora_effect:.4f}"
+    # How ComfyUI placed the models (full load, or partial with offloaded MB under --lowvram/--novram).
+    report["loads"] = [line.split("]", 1)[-1].strip() for line in comfy.log_tail(10000).splitlines()
+                       if "loaded completely" in line or "loaded partially" in line]
     print(json.dumps(report, indent=1))
     if os.environ.get("COMFYUI_E2E_REPORT"):
         Path(os.environ["COMFYUI_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
