@@ -60,10 +60,32 @@ def _quantize_device() -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
-def operations(quantize_on_load: str):
+def converter_keep_rule(sd: dict):
+    """Quantize-on-load keeps in float what the converter would keep (its family rules).
+
+    The rules judge the file's keys; ComfyUI then strips prefixes (``model.diffusion_model.``)
+    before our ``Linear`` sees a layer name, so a layer is quantized when some file layer the
+    rules quantize ends with its name. Returns None (ops' default rule) without the converter.
+    """
+    try:
+        from ..convert.families import KeepRules
+    except ImportError:
+        return None
+    rules = KeepRules(list(sd))
+    chosen = set()
+    for key, tensor in sd.items():
+        if isinstance(tensor, torch.Tensor) and rules.keep_reason(key, tuple(tensor.shape), tensor.is_floating_point()) is None:
+            parts = key[: -len(".weight")].split(".")
+            chosen.update(".".join(parts[i:]) for i in range(len(parts)))
+    return lambda layer: layer not in chosen
+
+
+def operations(quantize_on_load: str, sd: dict | None = None):
+    quantize = None if quantize_on_load in (None, "none") else quantize_on_load
     return lowbit_operations(
-        quantize=None if quantize_on_load in (None, "none") else quantize_on_load,
+        quantize=quantize,
         quantize_device=_quantize_device(),
+        keep_float=converter_keep_rule(sd) if quantize and sd is not None else None,
     )
 
 
@@ -84,7 +106,7 @@ def load_diffusion_model(path: str, quantize_on_load: str = "none", lora_mode: s
 
     sd, metadata = read_state_dict(path)
     patcher = comfy.sd.load_diffusion_model_state_dict(
-        sd, model_options={"custom_operations": operations(quantize_on_load)}, metadata=metadata,
+        sd, model_options={"custom_operations": operations(quantize_on_load, sd)}, metadata=metadata,
         disable_dynamic=disable_dynamic,
     )
     if patcher is None:
@@ -100,7 +122,7 @@ def load_checkpoint(path: str, embedding_directory=None, quantize_on_load: str =
     import comfy.sd
 
     sd, metadata = read_state_dict(path)
-    ops = operations(quantize_on_load)
+    ops = operations(quantize_on_load, sd)
     out = comfy.sd.load_state_dict_guess_config(
         sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
         model_options={"custom_operations": ops}, te_model_options={"custom_operations": ops}, metadata=metadata,
@@ -122,5 +144,5 @@ def load_text_encoder(path: str, clip_type: str, embedding_directory=None, quant
         raise ValueError(f"unknown CLIP type {clip_type!r}; known: {[t.name.lower() for t in comfy.sd.CLIPType]}")
     return comfy.sd.load_text_encoder_state_dicts(
         [sd], embedding_directory=embedding_directory, clip_type=kind,
-        model_options={"custom_operations": operations(quantize_on_load)},
+        model_options={"custom_operations": operations(quantize_on_load, sd)},
     )

@@ -135,8 +135,8 @@ def lowbit_operations(
 
     ``quantize``: a format of ``FORMATS`` to quantize float linear weights to while loading
     (None: keep them). ``quantize_device``: where to run that quantization. ``keep_float``:
-    called with a layer name, True keeps that layer in float (default: layers outside
-    repeated blocks, see ``_IN_REPEATED_BLOCK``).
+    called with a layer name, True keeps that layer in float (the loader passes the
+    converter's family rules; default: layers outside repeated blocks, ``_IN_REPEATED_BLOCK``).
     """
     import comfy.ops
 

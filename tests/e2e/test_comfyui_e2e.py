@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -238,7 +239,8 @@ def test_formats_sample_with_lora(comfy):
     report[f"{fmt}/converted+requantize"] = err = _distance(pixels, ref_lora)
     assert err < lora_effect, f"converted {fmt}: {err:.4f} vs LoRA effect {lora_effect:.4f}"
     # How ComfyUI placed the models (full load, or partial with offloaded MB under --lowvram/--novram).
-    report["loads"] = [line.split("]", 1)[-1].strip() for line in comfy.log_tail(10000).splitlines()
+    log = re.sub(r"\x1b\[[0-9;]*m", "", comfy.log_tail(10000))
+    report["loads"] = [line.split("]", 1)[-1].strip() for line in log.splitlines()
                        if "loaded completely" in line or "loaded partially" in line]
     print(json.dumps(report, indent=1))
     if os.environ.get("COMFYUI_E2E_REPORT"):
