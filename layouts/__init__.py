@@ -24,9 +24,9 @@ LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 
 for _cls in LAYOUT_CLASSES:
-    # pytest also imports the repository root as a package named after the checkout's
-    # directory, i.e. a second copy of these classes; the first registration wins so that
-    # every QuantizedTensor resolves to the classes comfy_lowbit's own modules check against.
+    # A second copy of this package in one process (pytest imports the repository root under
+    # its directory name; a pip install beside custom_nodes/) must not replace the classes the
+    # first copy registered, or that copy's tensors stop matching its own isinstance checks.
     try:
         get_layout_class(_cls.__name__)
     except KeyError:

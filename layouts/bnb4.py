@@ -61,7 +61,9 @@ class Bnb4Params(BaseLayoutParams):
     def _validate_tensor_fields(self) -> None:
         for name in self._tensor_fields():
             if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"{type(self).__name__}.{name} must be a tensor, got {type(getattr(self, name)).__name__}")
+                got = type(getattr(self, name)).__name__
+                where = f"{type(self).__name__}.{name} (double_quant={self.double_quant})"
+                raise TypeError(f"{where} must be a tensor, got {got}")
 
     def absmax(self) -> torch.Tensor:
         """The float32 per-block absmax, decoding the nested statistics when double-quantised."""
@@ -102,10 +104,10 @@ class Bnb4Layout(LowBitLayout):
             raise format_error(layer, f"{cls.FORMAT} quantizes floating-point tensors, got {got}")
         if tensor.dtype not in FLOAT_DTYPES.values():
             raise format_error(layer, f"{cls.FORMAT} quantizes float32/float16/bfloat16, got {tensor.dtype}")
-        if block_size not in codec.BLOCK_SIZES:
-            raise format_error(layer, f"{cls.FORMAT} block_size must be one of {codec.BLOCK_SIZES}, got {block_size!r}")
+        if not codec.is_block_size(block_size):
+            raise format_error(layer, f"block_size must be one of {list(codec.BLOCK_SIZES)}, got {block_size!r}")
         if tensor.numel() == 0:
-            raise format_error(layer, f"{cls.FORMAT} cannot quantize an empty tensor of shape {tuple(tensor.shape)}")
+            raise format_error(layer, f"{cls.FORMAT} cannot quantize an empty tensor ({tuple(tensor.shape)})")
         try:
             packed, absmax = cls._quantize_blocks(tensor.detach(), block_size)
         except ValueError as exc:  # NaN / Inf, found from the block absmax at no extra cost
@@ -133,7 +135,8 @@ class Bnb4Layout(LowBitLayout):
     def dequantize(cls, qdata: torch.Tensor, params: Bnb4Params) -> torch.Tensor:
         """Values in ``orig_dtype`` and the physical shape (``orig_shape`` reversed when transposed)."""
         shape = tuple(reversed(params.orig_shape)) if params.transposed else params.orig_shape
-        return codec.dequantize_4bit(qdata, params.absmax(), params.block_size, cls.QUANT_TYPE, shape, params.orig_dtype)
+        absmax = params.absmax()
+        return codec.dequantize_4bit(qdata, absmax, params.block_size, cls.QUANT_TYPE, shape, params.orig_dtype)
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -191,11 +194,11 @@ class Bnb4Layout(LowBitLayout):
             if suffix not in tensors:
                 raise format_error(layer, f"missing {key}: expected {want_dtype} of shape {list(want_shape)}")
             t = tensors[suffix]
-            # The packed data and a 0-d offset may arrive flattened; the element count must match.
-            if t.dtype != want_dtype or t.numel() != math.prod(want_shape) or (suffix in (ABSMAX, NESTED_ABSMAX) and t.dim() != 1):
-                raise format_error(
-                    layer, f"{key}: expected {want_dtype} of shape {list(want_shape)}, got {t.dtype} of shape {list(t.shape)}"
-                )
+            # The packed data and the 0-d offset may arrive reshaped; the element count must match.
+            vector = suffix in (ABSMAX, NESTED_ABSMAX)
+            if t.dtype != want_dtype or t.numel() != math.prod(want_shape) or (vector and t.dim() != 1):
+                got = f"{t.dtype} of shape {list(t.shape)}"
+                raise format_error(layer, f"{key}: expected {want_dtype} of shape {list(want_shape)}, got {got}")
             found[suffix] = t.reshape(want_shape)
         params = Bnb4Params(
             scale=found[ABSMAX],
@@ -209,22 +212,29 @@ class Bnb4Layout(LowBitLayout):
         return QuantizedTensor(found[""], cls.__name__, params)
 
 
+def is_shape(value: Any) -> bool:
+    """A JSON shape: a list of positive ints."""
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+
+
 def _read_config(fmt: str, layer: str, config: Mapping[str, Any]) -> tuple[int, bool, tuple[int, ...], torch.dtype]:
     """(block_size, double_quant, orig_shape, orig_dtype) from a ``comfy_quant`` dict, checked."""
     if config.get("format") != fmt:
         raise format_error(layer, f"comfy_quant format is {config.get('format')!r}, expected {fmt!r}")
     block_size = config.get("block_size")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in codec.BLOCK_SIZES:
-        raise format_error(layer, f"comfy_quant block_size must be one of {list(codec.BLOCK_SIZES)}, got {block_size!r}")
+    if not codec.is_block_size(block_size):
+        sizes = list(codec.BLOCK_SIZES)
+        raise format_error(layer, f"comfy_quant block_size must be one of {sizes}, got {block_size!r}")
     double_quant = config.get("double_quant", False)
     if not isinstance(double_quant, bool):
         raise format_error(layer, f"comfy_quant double_quant must be true or false, got {double_quant!r}")
     shape = config.get("orig_shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if not is_shape(shape):
         raise format_error(layer, f"comfy_quant orig_shape must be a list of positive integers, got {shape!r}")
     dtype = FLOAT_DTYPES.get(config.get("orig_dtype"))
     if dtype is None:
-        raise format_error(layer, f"comfy_quant orig_dtype must be one of {sorted(FLOAT_DTYPES)}, got {config.get('orig_dtype')!r}")
+        got = config.get("orig_dtype")
+        raise format_error(layer, f"comfy_quant orig_dtype must be one of {sorted(FLOAT_DTYPES)}, got {got!r}")
     return block_size, double_quant, tuple(shape), dtype
 
 

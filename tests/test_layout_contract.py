@@ -18,6 +18,10 @@ from support import outlier_matrix, relative_error
 # W4A4 quantizes activations too, so its linear differs from dequantize + F.linear by design.
 LINEAR_VS_DEQUANT_RTOL = {"svdquant_w4a4": 0.2}
 DEFAULT_RTOL = 1e-5
+# Weight round-trip error bound. bitsandbytes' FP4 has no code between 1/192 and 1/6 of the
+# block absmax, so bit-exact with bitsandbytes it measures ~0.19 on this outlier matrix.
+WEIGHT_RTOL = {"bnb_fp4": 0.25}
+DEFAULT_WEIGHT_RTOL = 0.15
 
 N, K = 96, 256
 
@@ -39,7 +43,7 @@ def test_from_float_keeps_shape_dtype_and_values(layout):
     assert isinstance(qt, QuantizedTensor) and qt.shape == w.shape and qt.dtype == w.dtype
     dq = qt.dequantize()
     assert dq.shape == w.shape and dq.dtype == w.dtype
-    assert relative_error(dq, w) < 0.15
+    assert relative_error(dq, w) < WEIGHT_RTOL.get(layout.FORMAT, DEFAULT_WEIGHT_RTOL)
 
 
 @pytest.mark.parametrize("x_shape", [(5, K), (2, 7, K)])
@@ -89,4 +93,4 @@ def test_requantize_accepts_comfyui_keywords(layout):
     again = qt.requantize_from_float(patched, scale="recalculate", stochastic_rounding=1234, inplace_ops=True)
     assert again._layout_cls == qt._layout_cls
     assert layout.comfy_quant_config(again._params) == layout.comfy_quant_config(qt._params)
-    assert relative_error(again.dequantize(), patched) < 0.15
+    assert relative_error(again.dequantize(), patched) < WEIGHT_RTOL.get(layout.FORMAT, DEFAULT_WEIGHT_RTOL)
