@@ -85,8 +85,8 @@ def w8a16_reference(
 
 
 @triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped program order (GROUP_M row tiles share each weight column tile in L2)."""
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each weight column tile in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -95,9 +95,7 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -111,36 +109,84 @@ def _epilogue(acc, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS:
 
 
 @triton.jit
+def _scaled_block(part, sa, sw, EXACT_CVT: tl.constexpr):
+    """One K block's int32 partial (BM, BN) -> fp32 ``P * sa[m] * sw[n]`` (conversion exact)."""
+    if EXACT_CVT:
+        part_f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        part_f = part.to(tl.float32)
+    return part_f * (sa[:, None] * sw[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(
     a_ptr, a_scale_t_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_wn, stride_wsn, stride_om,
     HAS_BIAS: tl.constexpr, EXACT_CVT: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_N: tl.constexpr = 1, SKEW: tl.constexpr = False,
 ):
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """SPLIT_N=2 computes the N tile as two dots of BLOCK_N/2 with their own accumulators (a
+    128x256 tile then needs 3 x 64 live registers per thread, not 4 x 64); SKEW issues the
+    next block's dot before scaling this block's partial, so the scaling can overlap it."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns read a valid row instead (results masked at the store), so
     # the main-loop loads need no masks.
     am = offs_m % M
-    wn = offs_n % N
     offs_k = tl.arange(0, QBLOCK)
     a_ptrs = a_ptr + am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // QBLOCK):
-        a = tl.load(a_ptrs)
-        w = tl.load(w_ptrs)
-        part = tl.dot(a, w, out_dtype=tl.int32)
-        sa = tl.load(a_scale_t_ptr + kb * M + am)
-        sw = tl.load(w_scale_ptr + wn * stride_wsn + kb)
-        if EXACT_CVT:
-            part_f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    num_kb = K // QBLOCK
+    if SPLIT_N == 1:
+        wn = offs_n % N
+        w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SKEW:
+            part = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), out_dtype=tl.int32)
+            for kb in range(1, num_kb):
+                a_ptrs += QBLOCK
+                w_ptrs += QBLOCK
+                following = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), out_dtype=tl.int32)
+                sa = tl.load(a_scale_t_ptr + (kb - 1) * M + am)
+                sw = tl.load(w_scale_ptr + wn * stride_wsn + (kb - 1))
+                acc += _scaled_block(part, sa, sw, EXACT_CVT)
+                part = following
+            sa = tl.load(a_scale_t_ptr + (num_kb - 1) * M + am)
+            sw = tl.load(w_scale_ptr + wn * stride_wsn + (num_kb - 1))
+            acc += _scaled_block(part, sa, sw, EXACT_CVT)
         else:
-            part_f = part.to(tl.float32)
-        acc += part_f * (sa[:, None] * sw[None, :])
-        a_ptrs += QBLOCK
-        w_ptrs += QBLOCK
-    _epilogue(acc, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+            for kb in range(0, num_kb):
+                part = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), out_dtype=tl.int32)
+                sa = tl.load(a_scale_t_ptr + kb * M + am)
+                sw = tl.load(w_scale_ptr + wn * stride_wsn + kb)
+                acc += _scaled_block(part, sa, sw, EXACT_CVT)
+                a_ptrs += QBLOCK
+                w_ptrs += QBLOCK
+        _epilogue(acc, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
+        offs_hi = offs_lo + HALF
+        wn_lo = offs_lo % N
+        wn_hi = offs_hi % N
+        w_lo = w_ptr + wn_lo[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        w_hi = w_ptr + wn_hi[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc_lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        for kb in range(0, num_kb):
+            a = tl.load(a_ptrs)
+            sa = tl.load(a_scale_t_ptr + kb * M + am)
+            part = tl.dot(a, tl.load(w_lo), out_dtype=tl.int32)
+            acc_lo += _scaled_block(part, sa, tl.load(w_scale_ptr + wn_lo * stride_wsn + kb), EXACT_CVT)
+            part = tl.dot(a, tl.load(w_hi), out_dtype=tl.int32)
+            acc_hi += _scaled_block(part, sa, tl.load(w_scale_ptr + wn_hi * stride_wsn + kb), EXACT_CVT)
+            a_ptrs += QBLOCK
+            w_lo += QBLOCK
+            w_hi += QBLOCK
+        _epilogue(acc_lo, bias_ptr, out_ptr, offs_m, offs_lo, M, N, stride_om, HAS_BIAS)
+        _epilogue(acc_hi, bias_ptr, out_ptr, offs_m, offs_hi, M, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -151,7 +197,9 @@ def _w8a16_kernel(
     HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     xm = offs_m % M
     wn = offs_n % N
     offs_k = tl.arange(0, QBLOCK)

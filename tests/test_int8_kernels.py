@@ -117,6 +117,19 @@ def test_w8a8_conversions_agree(exact_cvt):
     _check_w8a8(out, q, scale_t, w_q, w_s, block, None)
 
 
+@pytest.mark.parametrize("variant", [{"SPLIT_N": 2}, {"SKEW": True}])
+@pytest.mark.parametrize("block,m,n,kb", [(64, 33, 70, 3), (256, 5, 64, 1)])
+def test_w8a8_kernel_variants(variant, block, m, n, kb):
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=kb)
+    x = outlier_matrix(m, k, seed=n, scale=25.0).to(torch.float16)
+    bias = torch.randn(n).to(KERNEL_DEVICE)
+    q, scale_t = _quantize_on_device(x, block)
+    config = {**int8_gemm.PLAIN_W8A8, "BLOCK_N": 64, **variant}
+    out = w8a8_matmul(q, scale_t, w_q, w_s, block, bias, torch.float32, config=config)
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
+
+
 def test_w8a8_propagates_nan_rows():
     block, m, n, k = 64, 5, 16, 128
     w_q, w_s = _weight(n, k, block, seed=4)
