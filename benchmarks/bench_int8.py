@@ -134,11 +134,59 @@ def make_methods(w, bias, dev):
     return methods
 
 
+# W8A8 GEMM tile variants timed on pre-quantized operands (BLOCK_M, BLOCK_N, warps, stages,
+# extra constexprs, quantization block): what the autotuner chooses among, and what it doesn't.
+VARIANTS = [
+    (128, 128, 8, 3, {}, 128), (128, 128, 8, 4, {}, 128), (128, 128, 8, 3, {"EXACT_CVT": False}, 128),
+    (128, 128, 8, 3, {"SKEW": True}, 128), (128, 256, 8, 3, {"SPLIT_N": 2}, 128),
+    (128, 256, 8, 3, {"SPLIT_N": 2, "EXACT_CVT": False}, 128), (128, 256, 8, 3, {}, 128),
+    (256, 128, 8, 3, {}, 128), (64, 128, 4, 4, {}, 128), (64, 256, 4, 3, {"SPLIT_N": 2}, 128),
+    (128, 128, 4, 4, {}, 128), (128, 128, 8, 3, {}, 256), (128, 256, 8, 2, {"SPLIT_N": 2}, 256),
+]
+
+
+def run_variants(shapes, m: int, dev) -> None:
+    print(f"\n# W8A8 GEMM variants, M={m}, activations pre-quantized (us, TOP/s)")
+    for k, n in shapes:
+        w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        for bm, bn, warps, stages, extra, block in VARIANTS:
+            a_q, a_s = quantize_rows(x, block)
+            w_s = torch.rand(n, k // block, device=dev) + 0.5
+            config = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+            exact = extra.get("EXACT_CVT", True)
+            config.update({key: v for key, v in extra.items() if key != "EXACT_CVT"})
+            label = f"{bm}x{bn} w{warps} s{stages} B{block} {extra}"
+            try:
+                fn = lambda: w8a8_matmul(a_q, a_s, w, w_s, block, None, torch.bfloat16, exact_cvt=exact, config=config)  # noqa: E731
+                fn()
+                us = bench(fn)
+                print(f"{k:>6} {n:>6} {label:<48} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)
+            except Exception as exc:
+                print(f"{k:>6} {n:>6} {label:<48} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    report_compiled()
+
+
+def report_compiled() -> None:
+    """Registers, spills, shared memory and whether wgmma was emitted, per compiled W8A8 kernel."""
+    from comfy_lowbit.kernels.int8_gemm import _w8a8_kernel
+
+    for caches in getattr(_w8a8_kernel, "device_caches", {}).values():
+        for key, compiled in caches[0].items():
+            ptx = compiled.asm.get("ptx", "")
+            consts = {k: v for k, v in getattr(compiled.src, "constants", {}).items()} if hasattr(compiled, "src") else {}
+            print(f"# compiled w8a8: regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')} "
+                  f"smem {getattr(compiled.metadata, 'shared', '?')} warps {compiled.metadata.num_warps} "
+                  f"stages {compiled.metadata.num_stages} wgmma {'wgmma' in ptx} cvt.rn.f32.s32 {ptx.count('cvt.rn.f32.s32')} "
+                  f"{consts or str(key)[-160:]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in FLUX_SHAPES), help="KxN list")
     parser.add_argument("--ms", default=",".join(map(str, BATCHES)))
     parser.add_argument("--skip", default="", help="comma-separated methods to skip")
+    parser.add_argument("--variants", type=int, default=0, help="also time W8A8 tile variants at this M")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -154,6 +202,8 @@ def main() -> int:
     print("# peaks: " + ", ".join(f"{k} {v:.1f}" if "TB" in k else f"{k} {v:.0f}" for k, v in peaks.items()))
     rate = {"bf16": peaks["bf16_TFLOPs"], "int8": peaks["int8_TOPs"], "w8a16": peaks["bf16_TFLOPs"]}
 
+    if args.variants:
+        run_variants(shapes, args.variants, dev)
     torch.inference_mode().__enter__()  # as ComfyUI runs models: aten.linear reaches the layouts
     rows = []
     errors = []
