@@ -14,6 +14,7 @@ from comfy_lowbit.kernels import int8_gemm, int8_gemv
 from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a8_reference, w8a16_matmul, w8a16_reference
 from comfy_lowbit.kernels.int8_gemv import w8a16_gemv
 from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference, quantize_rows
+from comfy_lowbit.layouts.int8_lodewise import column_major
 
 from support import KERNEL_DEVICE, outlier_matrix, relative_error
 
@@ -37,10 +38,12 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)  # the launchers call torch.empty
 
 
-def _weight(n, k, block, seed):
+def _weight(n, k, block, seed, scale_layout="column"):
+    """Codes and scales as the layout keeps them (scales column-major), or row-major."""
     w = outlier_matrix(n, k, seed=seed, scale=6.0) / k**0.5
     q, s = quantize_blockwise_reference(w, block)
-    return q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE)
+    s = s.to(KERNEL_DEVICE)
+    return q.to(KERNEL_DEVICE), column_major(s) if scale_layout == "column" else s
 
 
 def _quantize_on_device(x, block):
@@ -102,7 +105,7 @@ def test_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype):
     _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
     # And stays near the float64 product with the unquantized x: this adds the activation
     # quantization error (about 0.02-0.03 with 25x outlier channels in every block).
-    assert relative_error(out, w8a16_reference(x.float(), w_q, w_s, block, bias)) < 0.05
+    assert relative_error(out.cpu(), w8a16_reference(x.float(), w_q, w_s, block, bias)) < 0.05
 
 
 @pytest.mark.parametrize("exact_cvt", [True, False])
@@ -117,6 +120,19 @@ def test_w8a8_conversions_agree(exact_cvt):
     _check_w8a8(out, q, scale_t, w_q, w_s, block, None)
 
 
+@pytest.mark.parametrize("scale_layout", ["row", "column"])
+@pytest.mark.parametrize("block,m,n,kb", [(64, 33, 70, 3), (256, 5, 64, 1)])
+def test_w8a8_any_weight_scale_strides(scale_layout, block, m, n, kb):
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=kb, scale_layout=scale_layout)
+    x = outlier_matrix(m, k, seed=n, scale=25.0).to(torch.float16)
+    bias = torch.randn(n).to(KERNEL_DEVICE)
+    q, scale_t = _quantize_on_device(x, block)
+    config = {**int8_gemm.PLAIN_W8A8, "BLOCK_N": 64}
+    out = w8a8_matmul(q, scale_t, w_q, w_s, block, bias, torch.float32, config=config)
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
+
+
 def test_w8a8_propagates_nan_rows():
     block, m, n, k = 64, 5, 16, 128
     w_q, w_s = _weight(n, k, block, seed=4)
@@ -129,6 +145,7 @@ def test_w8a8_propagates_nan_rows():
 
 def _check_weight_only(out, x, w_q, w_s, block, bias):
     ref = w8a16_reference(x, w_q, w_s, block, bias)
+    out = out.cpu()
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
     # bf16/fp16 activations are exact inputs; fp32 accumulation and one output rounding.
     tol = {torch.float32: 2e-6, torch.bfloat16: 6e-3, torch.float16: 1e-3}[out.dtype]
@@ -139,7 +156,7 @@ def _check_weight_only(out, x, w_q, w_s, block, bias):
 @pytest.mark.parametrize("m,n,kb,dtype", [(5, 33, 2, torch.bfloat16), (18, 20, 3, torch.float16)])
 def test_w8a16_matches_reference(block, m, n, kb, dtype):
     k = kb * block
-    w_q, w_s = _weight(n, k, block, seed=n)
+    w_q, w_s = _weight(n, k, block, seed=n, scale_layout="row" if block == 64 else "column")
     x = outlier_matrix(m, k, seed=m, scale=25.0).to(dtype)
     bias = torch.randn(n).to(dtype).to(KERNEL_DEVICE)
     out = w8a16_matmul(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemm.PLAIN_W8A16)
@@ -148,12 +165,13 @@ def test_w8a16_matches_reference(block, m, n, kb, dtype):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("m,n,kb,dtype", [(1, 37, 3, torch.bfloat16), (3, 9, 1, torch.float32), (4, 70, 2, torch.float16)])
-def test_gemv_matches_reference(block, m, n, kb, dtype):
+@pytest.mark.parametrize("n,kb,dtype", [(37, 3, torch.bfloat16), (9, 1, torch.float32), (70, 2, torch.float16)])
+def test_gemv_matches_reference(block, n, kb, dtype):
+    m = 1
     k = kb * block
     w_q, w_s = _weight(n, k, block, seed=k)
     x = outlier_matrix(m, k, seed=n, scale=25.0).to(dtype)
-    bias = None if m == 3 else torch.randn(n).to(KERNEL_DEVICE)
+    bias = None if n == 9 else torch.randn(n).to(KERNEL_DEVICE)
     out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV)
     assert out.shape == (m, n) and out.dtype == dtype
     _check_weight_only(out, x, w_q, w_s, block, bias)
@@ -165,8 +183,8 @@ def test_weight_only_paths_propagate_nan():
     x = outlier_matrix(6, k, seed=9).to(torch.bfloat16)
     x[1, 3] = float("nan")
     x = x.to(KERNEL_DEVICE)
-    for out in (w8a16_gemv(x[:2], w_q, w_s, block, config=int8_gemv.PLAIN_GEMV),
-                w8a16_matmul(x, w_q, w_s, block, config=int8_gemm.PLAIN_W8A16)):
+    gemv = [w8a16_gemv(x[i : i + 1], w_q, w_s, block, config=int8_gemv.PLAIN_GEMV) for i in range(2)]
+    for out in (torch.cat(gemv), w8a16_matmul(x, w_q, w_s, block, config=int8_gemm.PLAIN_W8A16)):
         out = out.cpu()
         assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
 
@@ -185,14 +203,32 @@ def test_launchers_reject_bad_operands():
         w8a8_matmul(q, scale_t.t().contiguous(), w_q, w_s, 128)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_to_float_is_exact(dtype):
+    """The bit tricks that replace the conversion unit, on all 256 codes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(q_ptr, out_ptr, DTYPE: tl.constexpr):
+        offs = tl.arange(0, 256)
+        tl.store(out_ptr + offs, int8_gemm.int8_to_float(tl.load(q_ptr + offs), DTYPE))
+
+    q = torch.arange(-128, 128, dtype=torch.int8, device=KERNEL_DEVICE)
+    out = torch.full((256,), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    convert[(1,)](q, out, DTYPE={torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype])
+    assert torch.equal(out.cpu().float(), q.cpu().float())
+
+
 @pytest.mark.skipif(not ON_GPU, reason="autotuned launches need a GPU")
 @pytest.mark.parametrize("m", [1, 3, 24, 200])
-def test_autotuned_paths_on_gpu(m):
+def test_autotuned_paths_on_gpu(m, monkeypatch):
+    monkeypatch.setenv("COMFY_LOWBIT_AUTOTUNE", "1")
     block, n, k = 128, 3 * 128 + 5, 6 * 128
     w_q, w_s = _weight(n, k, block, seed=m)
     x = outlier_matrix(m, k, seed=m, scale=25.0).to(torch.bfloat16).to(KERNEL_DEVICE)
     bias = torch.randn(n, device=KERNEL_DEVICE)
-    if m <= 4:
+    if m == 1:
         _check_weight_only(w8a16_gemv(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
     _check_weight_only(w8a16_matmul(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
     q, scale_t = quantize_rows(x, block)
