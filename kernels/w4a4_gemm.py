@@ -7,8 +7,8 @@ Inputs (the weight as stored by ``W4A4Layout``/comfy-kitchen, the activation fro
                             2j+1, two's-complement nibbles (-8..7)
     wscales (K/64, N)       fp (bf16/fp16/fp32)
     codes   (M, K) int8     activation codes, split group order (evens, then odds, per 64)
-    ascales (M, K/64) fp32
-    lora    (M, R) fp32     x @ proj_down
+    ascales (K/64, M) fp32
+    lora    (C, M, R) fp32  x @ proj_down as C partial sums over K chunks (C = 1 at large M)
     proj_up (N, R) fp
 
 Math, per output element:
@@ -20,9 +20,11 @@ Hopper has no int4 MMA, so each 32-byte weight slice is unpacked in registers wi
 shifts (``(b << 4) >> 4`` and ``b >> 4``, arithmetic on int8) into the even and odd halves of
 the group and fed to an int8 ``tl.dot`` (wgmma s8 on sm_90, mma on sm_80) against the
 activation halves, which the quantizer already wrote apart: no interleave anywhere. D_g is at
-most 64 * 8 * 15 in magnitude, so it converts to fp32 exactly; with ``MAGIC_CVT`` the
-conversion is an integer add plus a float subtract (bits of 1.5 * 2**23 + D) instead of an
-I2F instruction, whose throughput is a quarter of the FMA pipe's.
+most 64 * 8 * 15 in magnitude, so it converts to fp32 exactly; ``dot="int8"`` converts by bits
+(an integer add plus a float subtract on 1.5 * 2**23 + D) instead of an I2F instruction, whose
+throughput is a quarter of the FMA pipe's. ``dot="fp8"`` runs the same sums on e4m3 MMA
+(exact for codes -8..15, fp32 results, no conversion), the weight nibbles turned into e4m3
+through fp16 bit patterns. ``defer`` issues group g's MMA before scaling group g-1.
 
 The same kernel is the small-M GEMV path: with BLOCK_M >= M the grid spans only N, so the
 packed weight is read exactly once; only the tile shapes differ (see ``_configs``).
@@ -36,6 +38,9 @@ import triton
 import triton.language as tl
 
 GROUP = 64
+# "int8": int8 MMA, int32 -> fp32 by bits; "int8_i2f": the same with an I2F conversion;
+# "fp8": e4m3 MMA with fp32 results (codes from the quantizer in e4m3, sm_89+ only).
+DOT_KINDS = ("int8", "int8_i2f", "fp8")
 CVT_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)
 CVT_MAGIC_F: tl.constexpr = tl.constexpr(12582912.0)
 
@@ -58,10 +63,13 @@ def w4a4_gemm_reference(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Plain-PyTorch reference in fp32 on *natural-order* codes: dequantize both sides, matmul."""
+    """Plain-PyTorch reference in fp32 on *natural-order* codes: dequantize both sides, matmul.
+    ``ascales`` is (K/64, M); ``lora`` is (M, R) or partial sums (C, M, R)."""
     m, k = codes.shape
     n = qweight.shape[0]
-    a = (codes.float().view(m, k // GROUP, GROUP) * ascales.float().unsqueeze(-1)).view(m, k)
+    if lora.dim() == 3:
+        lora = lora.sum(dim=0)
+    a = (codes.float().view(m, k // GROUP, GROUP) * ascales.float().t().unsqueeze(-1)).view(m, k)
     w = (unpack_int4(qweight).float().view(n, k // GROUP, GROUP) * wscales.float().t().unsqueeze(-1)).view(n, k)
     out = a @ w.t() + lora.float() @ proj_up.float().t()
     if bias is not None:
@@ -70,12 +78,37 @@ def w4a4_gemm_reference(
 
 
 @triton.jit
+def _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT: tl.constexpr):
+    """D_g as fp32 (BLOCK_M, BLOCK_N): exact integer sums of one 64-wide group."""
+    a_even = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0.0)  # 0.0 casts to int8 and e4m3 alike
+    a_odd = tl.load(a_rows + g * 64 + 32, mask=row_ok[:, None], other=0.0)
+    packed = tl.load(w_cols + g * 32, mask=col_ok[None, :], other=0)
+    if DOT == "fp8":
+        # Nibble -> fp16 by bits: 0x6400 | (v ^ 8) is 1024 + v + 8, exact; then -1032 and a
+        # paired cvt to e4m3, which holds -8..7 exactly. Activation codes arrive as e4m3.
+        lo16 = (((packed & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        hi16 = ((((packed >> 4) & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        d = tl.dot(a_even, lo16.to(tl.float8e4nv))
+        return tl.dot(a_odd, hi16.to(tl.float8e4nv), d)
+    else:
+        w_lo = (packed << 4) >> 4  # arithmetic shifts on int8 sign-extend each nibble
+        w_hi = packed >> 4
+        d = tl.dot(a_even, w_lo, out_dtype=tl.int32)
+        d = tl.dot(a_odd, w_hi, d, out_dtype=tl.int32)
+        if DOT == "int8":
+            # |d| < 2**22: the bits of 1.5 * 2**23 + d are an exact float; one IADD + one FADD
+            return (d + CVT_MAGIC).to(tl.float32, bitcast=True) - CVT_MAGIC_F
+        else:  # "int8_i2f"
+            return d.to(tl.float32)
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     a_ptr, ascales_ptr, w_ptr, wscales_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-    M, N, K, R,
+    M, N, K, R, CHUNKS,
     stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MAGIC_CVT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DEFER: tl.constexpr, TIMING_NO_SCALES: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
@@ -93,31 +126,40 @@ def w4a4_gemm_kernel(
     col_ok = cols < N
     half = tl.arange(0, 32)
     num_groups = K // 64
-    k_bytes = K // 2
 
     a_rows = a_ptr + rows[:, None].to(tl.int64) * K + half[None, :]
-    w_cols = w_ptr + cols[None, :].to(tl.int64) * k_bytes + half[:, None]
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * (K // 2) + half[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(num_groups):
-        a_even = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0)
-        a_odd = tl.load(a_rows + g * 64 + 32, mask=row_ok[:, None], other=0)
-        packed = tl.load(w_cols + g * 32, mask=col_ok[None, :], other=0)
-        w_lo = (packed << 4) >> 4
-        w_hi = packed >> 4
-        d = tl.dot(a_even, w_lo, out_dtype=tl.int32)
-        d = tl.dot(a_odd, w_hi, d, out_dtype=tl.int32)
-        if MAGIC_CVT:
-            f = (d + CVT_MAGIC).to(tl.float32, bitcast=True) - CVT_MAGIC_F
-        else:
-            f = d.to(tl.float32)
-        a_scale = tl.load(ascales_ptr + rows.to(tl.int64) * num_groups + g, mask=row_ok, other=0.0)
-        w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += f * (a_scale[:, None] * w_scale[None, :])
+    if DEFER:
+        # Issue group g's MMA before scaling group g-1, so the tensor cores and the FMA pipe
+        # can overlap (the wgmma result is waited for only where it is used).
+        d_prev = _group_product(a_rows, w_cols, 0, row_ok, col_ok, DOT)
+        for g in range(1, num_groups):
+            d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT)
+            a_scale = tl.load(ascales_ptr + (g - 1) * M + rows, mask=row_ok, other=0.0)
+            w_scale = tl.load(wscales_ptr + (g - 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += d_prev * (a_scale[:, None] * w_scale[None, :])
+            d_prev = d
+        a_scale = tl.load(ascales_ptr + (num_groups - 1) * M + rows, mask=row_ok, other=0.0)
+        w_scale = tl.load(wscales_ptr + (num_groups - 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += d_prev * (a_scale[:, None] * w_scale[None, :])
+    else:
+        for g in range(num_groups):
+            d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT)
+            if TIMING_NO_SCALES:  # benchmark diagnostic only (wrong result): the cost of the scaling
+                acc += d
+            else:
+                a_scale = tl.load(ascales_ptr + g * M + rows, mask=row_ok, other=0.0)
+                w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                acc += d * (a_scale[:, None] * w_scale[None, :])
 
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
-    lora = tl.load(lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
-                   mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    lora_tile = lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :]
+    lora_ok = row_ok[:, None] & rank_ok[None, :]
+    lora = tl.load(lora_tile, mask=lora_ok, other=0.0)
+    for c in range(1, CHUNKS):
+        lora += tl.load(lora_tile + c * M * R, mask=lora_ok, other=0.0)
     up = tl.load(up_ptr + cols[None, :].to(tl.int64) * R + ranks[:, None],
                  mask=col_ok[None, :] & rank_ok[:, None], other=0.0).to(tl.float32)
     acc = tl.dot(lora, up, acc)
@@ -137,7 +179,9 @@ def _config(bm, bn, warps, stages, group_m=8):
 _CONFIGS = {
     "gemv": [_config(16, 32, 4, 4), _config(16, 64, 4, 4), _config(16, 128, 4, 3)],
     "mid": [_config(64, 64, 4, 4), _config(64, 128, 4, 4), _config(128, 128, 8, 3)],
-    "large": [_config(128, 128, 8, 3), _config(128, 256, 8, 3), _config(256, 128, 8, 3), _config(128, 128, 4, 4)],
+    # 128x256 and 256x128 spill on sm_90 (an fp32 accumulator plus the group's partial sum
+    # exceed 255 registers per thread), so the large tiles stop at 128x128 with 8 warps.
+    "large": [_config(128, 128, 8, 3), _config(128, 128, 8, 4), _config(64, 128, 4, 4), _config(128, 64, 4, 4)],
 }
 
 
@@ -155,31 +199,44 @@ _TUNED: dict[str, object] = {}
 def _launcher(bucket: str):
     """The autotuned kernel for one M bucket (built lazily: autotune fails under the interpreter)."""
     if bucket not in _TUNED:
-        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS"])(w4a4_gemm_kernel)
+        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS", "DOT", "DEFER"])(w4a4_gemm_kernel)
     return _TUNED[bucket]
 
 
 def w4a4_gemm(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-    *, magic_cvt: bool = True, config: dict | None = None,
+    *, dot: str = "int8", defer: bool = False, config: dict | None = None, out: torch.Tensor | None = None,
+    timing_no_scales: bool = False,
 ) -> torch.Tensor:
     """Triton launcher on split-order codes; shapes as in the module header. ``config`` pins
-    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants)."""
+    BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants); ``out`` is an
+    (M, N) buffer to write (tests poison it)."""
     m, k = codes.shape
     n = qweight.shape[0]
     r = proj_up.shape[1]
-    expected = {"qweight": (n, k // 2), "wscales": (k // GROUP, n), "ascales": (m, k // GROUP), "lora": (m, r)}
+    if lora.dim() == 2:
+        lora = lora.unsqueeze(0)
+    chunks = lora.shape[0]
+    expected = {"qweight": (n, k // 2), "wscales": (k // GROUP, n), "ascales": (k // GROUP, m), "lora": (chunks, m, r)}
     got = {"qweight": qweight.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
     for name, shape in expected.items():
         if tuple(got[name]) != shape:
             raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
-    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     args = (
         codes, ascales, qweight.contiguous(), wscales.contiguous(), lora, proj_up.contiguous(),
-        bias if bias is not None else out, out, m, n, k, r, out.stride(0),
+        bias if bias is not None else out, out, m, n, k, r, chunks, out.stride(0),
     )
-    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, MAGIC_CVT=magic_cvt)
+    if dot not in DOT_KINDS:
+        raise ValueError(f"W4A4 GEMM: dot must be one of {DOT_KINDS}, got {dot!r}")
+    want = torch.float8_e4m3fn if dot == "fp8" else torch.int8
+    if codes.dtype != want:
+        raise ValueError(f"W4A4 GEMM: dot={dot!r} needs {want} activation codes, got {codes.dtype}")
+    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, DOT=dot, DEFER=defer)
+    if timing_no_scales:
+        meta["TIMING_NO_SCALES"] = True
     if config is None and not _interpreting():
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         _launcher(_bucket(m))[grid](*args, **meta)

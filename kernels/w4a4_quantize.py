@@ -15,11 +15,13 @@ Output storage (transient, never written to files), for the GEMM in ``w4a4_gemm.
                       32..63 the odd columns 64g+1, ..., +63. The packed weight keeps even
                       columns in low nibbles and odd in high nibbles, so the GEMM computes
                       ``codes_even . W_lo + codes_odd . W_hi`` and never re-interleaves.
-    ascales (M, K/64) fp32
-    lora    (M, R)    fp32
+    ascales (K/64, M) fp32    (group-major: the GEMM loads one group's scales for a row tile
+                              as one contiguous vector)
+    lora    (C, M, R) fp32    C partial sums over K chunks; their sum is x @ proj_down
 
-One program owns BLOCK_M rows and walks all groups once: x is read once, codes/scales/lora
-written once (the "one pass" of the format's forward).
+One pass: x is read once; codes, scales and the low-rank partials are written once. A program
+owns BLOCK_M rows and one chunk of groups; at small M, K is cut into C chunks so that enough
+programs run (one row at M=1 would otherwise walk K alone).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def natural_group_order(codes: torch.Tensor) -> torch.Tensor:
 def quantize_activations_reference(
     x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch reference: (codes (M, K) int8 in *natural* order, ascales (M, K/64) fp32,
+    """Plain-PyTorch reference: (codes (M, K) int8 in *natural* order, ascales (K/64, M) fp32,
     lora (M, R) fp32). On fp32 input it equals comfy-kitchen's eager quantizer exactly."""
     m, k = x.shape
     xf = x.float()
@@ -70,76 +72,83 @@ def quantize_activations_reference(
     qmax, qmin = (15, 0) if act_unsigned else (7, -7)
     ascales = groups.abs().amax(dim=-1).clamp(min=1e-10) / qmax
     codes = (groups / ascales.unsqueeze(-1)).round().clamp(qmin, qmax).to(torch.int8)
-    return codes.reshape(m, k), ascales, lora
+    return codes.reshape(m, k), ascales.t().contiguous(), lora
 
 
 @triton.jit
-def _quantize_group_half(xs, ascale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+def _quantize_half(xs, ascale, QMIN: tl.constexpr, QMAX: tl.constexpr):
     v = xs / ascale[:, None]
     v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    return tl.minimum(tl.maximum(v, QMIN), QMAX).to(tl.int8)
+    return tl.minimum(tl.maximum(v, QMIN), QMAX)
 
 
 @triton.jit
 def w4a4_quantize_kernel(
     x_ptr, smooth_ptr, down_ptr, codes_ptr, ascales_ptr, lora_ptr,
-    M, K, R,
+    M, K, R, GROUPS_PER_CHUNK,
     stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     UNSIGNED: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    # Program (i, c): rows i*BLOCK_M.., groups of chunk c. Each chunk writes its own partial
+    # low-rank sum lora[c]; the GEMM epilogue adds the chunks (no atomics, no memset).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chunk = tl.program_id(1)
+    row_ok = rows[:, None] < M
+    cols = tl.arange(0, 64)
     half = tl.arange(0, 32)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     num_groups = K // 64
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    code_rows = codes_ptr + rows[:, None].to(tl.int64) * K
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for g in range(num_groups):
-        even_cols = g * 64 + 2 * half
-        odd_cols = even_cols + 1
-        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-        x_even = tl.load(x_rows + even_cols[None, :], mask=row_ok[:, None], other=0.0)
-        x_odd = tl.load(x_rows + odd_cols[None, :], mask=row_ok[:, None], other=0.0)
+    first = chunk * GROUPS_PER_CHUNK
+    for g in range(first, tl.minimum(first + GROUPS_PER_CHUNK, num_groups)):
+        x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok, other=0.0)
         # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
-        down_even = tl.load(down_ptr + even_cols[:, None] * R + ranks[None, :], mask=rank_ok[None, :], other=0.0)
-        down_odd = tl.load(down_ptr + odd_cols[:, None] * R + ranks[None, :], mask=rank_ok[None, :], other=0.0)
+        down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :], other=0.0)
         if IEEE_DOT:
-            lora = tl.dot(x_even.to(tl.float32), down_even.to(tl.float32), lora, input_precision="ieee")
-            lora = tl.dot(x_odd.to(tl.float32), down_odd.to(tl.float32), lora, input_precision="ieee")
+            lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
         else:
-            lora = tl.dot(x_even, down_even.to(x_even.dtype), lora)
-            lora = tl.dot(x_odd, down_odd.to(x_odd.dtype), lora)
-        s_even = tl.load(smooth_ptr + even_cols).to(tl.float32)
-        s_odd = tl.load(smooth_ptr + odd_cols).to(tl.float32)
-        xe = x_even.to(tl.float32)
-        xo = x_odd.to(tl.float32)
+            lora = tl.dot(x, down.to(x.dtype), lora)
+        xs = x.to(tl.float32)
         if UNSIGNED:
-            xe = xe + _SHIFT
-            xo = xo + _SHIFT
-        xe = xe / s_even[None, :]
-        xo = xo / s_odd[None, :]
-        absmax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+            xs = xs + _SHIFT
+        xs = xs / tl.load(smooth_ptr + g * 64 + cols).to(tl.float32)[None, :]
+        absmax = tl.max(tl.abs(xs), axis=1)
+        # Even and odd columns apart: (BLOCK_M, 64) -> two (BLOCK_M, 32), within each thread.
+        x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, 32, 2)))
         if UNSIGNED:
             ascale = tl.maximum(absmax, 1e-10) / 15.0
-            q_even = _quantize_group_half(xe, ascale, 0.0, 15.0)
-            q_odd = _quantize_group_half(xo, ascale, 0.0, 15.0)
+            q_even = _quantize_half(x_even, ascale, 0.0, 15.0)
+            q_odd = _quantize_half(x_odd, ascale, 0.0, 15.0)
         else:
             ascale = tl.maximum(absmax, 1e-10) / 7.0
-            q_even = _quantize_group_half(xe, ascale, -7.0, 7.0)
-            q_odd = _quantize_group_half(xo, ascale, -7.0, 7.0)
-        code_rows = codes_ptr + rows[:, None].to(tl.int64) * K + g * 64
-        tl.store(code_rows + half[None, :], q_even, mask=row_ok[:, None])
-        tl.store(code_rows + 32 + half[None, :], q_odd, mask=row_ok[:, None])
-        tl.store(ascales_ptr + rows.to(tl.int64) * num_groups + g, ascale, mask=row_ok)
-    tl.store(lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], lora, mask=row_ok[:, None] & rank_ok[None, :])
+            q_even = _quantize_half(x_even, ascale, -7.0, 7.0)
+            q_odd = _quantize_half(x_odd, ascale, -7.0, 7.0)
+        code_ty = codes_ptr.dtype.element_ty  # int8, or e4m3 for the fp8 GEMM (exact for -7..15)
+        tl.store(code_rows + g * 64 + half[None, :], q_even.to(code_ty), mask=row_ok)
+        tl.store(code_rows + g * 64 + 32 + half[None, :], q_odd.to(code_ty), mask=row_ok)
+        tl.store(ascales_ptr + g * M + rows, ascale, mask=rows < M)
+    lora_out = lora_ptr + chunk * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
+    tl.store(lora_out, lora, mask=row_ok & rank_ok[None, :])
+
+
+# Programs to aim for: enough to fill 132 SMs about twice. Small M splits K into chunks.
+_TARGET_PROGRAMS = 256
 
 
 def quantize_activations(
-    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False
+    x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False,
+    *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, chunks: int | None = None,
+    codes_dtype: torch.dtype = torch.int8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launcher: (codes (M, K) int8 in split group order, ascales (M, K/64) fp32, lora (M, R) fp32)."""
+    """Triton launcher: codes (M, K) int8 in split group order, ascales (K/64, M) fp32 and the
+    low-rank activations as C partial sums (C, M, R) fp32 (their sum is x @ proj_down).
+
+    ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C (default: 1 for large M, more for small M); ``out`` supplies the three
+    buffers (tests poison them to catch unwritten elements)."""
     m, k = x.shape
     r = proj_down.shape[1]
     if k % GROUP:
@@ -151,15 +160,23 @@ def quantize_activations(
             f"W4A4 activations: x has K={k} but smooth_factor is {tuple(smooth.shape)} and "
             f"proj_down is {tuple(proj_down.shape)}; expected ({k},) and ({k}, R)"
         )
-    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    ascales = torch.empty(m, k // GROUP, dtype=torch.float32, device=x.device)
-    lora = torch.empty(m, r, dtype=torch.float32, device=x.device)
-    block_m = 16 if m <= 16 else 32 if m <= 4096 else 64
-    block_r = max(16, triton.next_power_of_2(r))
-    w4a4_quantize_kernel[(triton.cdiv(m, block_m),)](
+    groups = k // GROUP
+    block_m = 16 if m <= 4096 else 32
+    row_blocks = triton.cdiv(m, block_m)
+    wanted = chunks if chunks is not None else max(1, _TARGET_PROGRAMS // row_blocks)
+    per_chunk = triton.cdiv(groups, min(max(wanted, 1), groups))
+    chunks = triton.cdiv(groups, per_chunk)
+    if out is None:
+        out = (
+            torch.empty(m, k, dtype=codes_dtype, device=x.device),
+            torch.empty(groups, m, dtype=torch.float32, device=x.device),
+            torch.empty(chunks, m, r, dtype=torch.float32, device=x.device),
+        )
+    codes, ascales, lora = out
+    w4a4_quantize_kernel[(row_blocks, chunks)](
         x, smooth.contiguous(), proj_down.contiguous(), codes, ascales, lora,
-        m, k, r, x.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r,
+        m, k, r, per_chunk, x.stride(0),
+        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
         num_warps=4,
     )

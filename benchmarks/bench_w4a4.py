@@ -1,0 +1,233 @@
+"""W4A4 side by side on one GPU: bf16 cuBLAS F.linear, comfy-kitchen's CUDA SVDQuant W4A4, ours.
+
+One process, FLUX linear shapes, M in {1, 16, 256, 1024, 4096, 16384}. Times are medians of
+``triton.testing.do_bench`` (CUDA events; it zeroes a 256 MB buffer before every repetition,
+so the weights never sit in the 50 MB L2). Ceilings are measured first in the same run (copy
+bandwidth, bf16 and int8 matmul peaks) and each row prints its floor:
+max(bytes / bandwidth, ops / peak), where ours counts int8 tensor-core ops (int4 has no MMA
+on Hopper) and bytes = x read + packed weight + side tensors + output written.
+
+Accuracy: relative Frobenius error vs float64 on activations with outlier channels (x20 on
+1/16 of the channels, lognormal per-channel spread), ours data-free and with ``act_absmax``
+from a separate calibration batch, beside bitsandbytes NF4 (weight-only) and comfy-kitchen
+running our calibrated weights.
+
+Usage: python benchmarks/bench_w4a4.py [--quick] [--variants]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+import comfy_kitchen
+from comfy_kitchen.tensor import QuantizedTensor
+from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
+
+import comfy_lowbit  # noqa: F401  (registers W4A4Layout)
+from comfy_lowbit.kernels import w4a4_gemm as gemm_mod
+from comfy_lowbit.kernels.w4a4_quantize import quantize_activations
+
+SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N): FLUX attn proj, mlp up, mlp down
+BATCHES = [1, 16, 256, 1024, 4096, 16384]
+RANK = 32
+
+
+def median_us(fn, rep=100):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
+
+
+def ceilings():
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(big)
+    bw = 2 * big.numel() / (median_us(lambda: dst.copy_(big)) * 1e-6)
+    del big, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bf16 = 2 * 8192**3 / (median_us(lambda: a @ a) * 1e-6)
+    i8 = torch.randint(-127, 127, (8192, 8192), device="cuda", dtype=torch.int8)
+    i8t = i8.t().contiguous().t()
+    int8 = 2 * 8192**3 / (median_us(lambda: torch._int_mm(i8, i8t)) * 1e-6)
+    return bw, bf16, int8
+
+
+def outlier_activations(m, k, seed, hot, spread):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    x[:, hot] *= 20.0
+    return (x * spread).to(torch.bfloat16)
+
+
+def as_ck(qt):
+    p = qt._params
+    params = TensorCoreSVDQuantW4A4Layout.Params(
+        scale=p.scale, orig_dtype=p.orig_dtype, orig_shape=p.orig_shape,
+        proj_down=p.proj_down, proj_up=p.proj_up, smooth_factor=p.smooth_factor)
+    return QuantizedTensor(qt._qdata, "TensorCoreSVDQuantW4A4Layout", params)
+
+
+def guarded(fn):
+    """A peer failing must not end the run: report it and give NaN."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        print(f"# peer failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return float("nan")
+
+
+def rel(out, ref):
+    out = out.double()
+    return float("inf") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
+
+
+def nf4_error(w, x, ref):
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:  # noqa: BLE001 - the peer is optional on a machine
+        return f"n/a ({type(exc).__name__})"
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+    return f"{rel(F.linear(x, bnbf.dequantize_4bit(packed, state)), ref):.4f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer batches")
+    ap.add_argument("--variants", action="store_true", help="also time fixed GEMM configs and the I2F conversion")
+    args = ap.parse_args()
+    shapes, batches = (SHAPES[1:2], [1, 4096]) if args.quick else (SHAPES, BATCHES)
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    from comfy_kitchen.backends import cuda as ck_cuda
+    ck_ok = bool(getattr(ck_cuda, "_EXT_AVAILABLE", False))
+    print(f"# W4A4 benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  {dev}")
+    print(f"# python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"comfy-kitchen {getattr(comfy_kitchen, '__version__', '?')} (CUDA ext: {ck_ok})")
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    bw, bf16_peak, int8_peak = ceilings()
+    print(f"# ceilings: copy {bw / 1e12:.2f} TB/s, bf16 mm {bf16_peak / 1e12:.0f} TFLOP/s, int8 _int_mm {int8_peak / 1e12:.0f} TOP/s")
+
+    rows = []
+    acc_lines = []
+    for k, n in shapes:
+        w = (torch.randn(n, k, device="cuda") / k**0.5)
+        w[:, torch.randperm(k, device="cuda")[: k // 32]] *= 4.0
+        w = w.to(torch.bfloat16)
+        hot = torch.randperm(k, device="cuda")[: k // 16]
+        spread = torch.exp(torch.randn(k, device="cuda") * 0.5)
+        calib = outlier_activations(512, k, 1, hot, spread)
+        ours_free = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
+        ours = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK, act_absmax=calib.abs().amax(0).float())
+        ck = as_ck(ours)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+
+        xt = outlier_activations(256, k, 2, hot, spread)
+        ref = xt.double() @ w.double().t()
+        with torch.inference_mode():
+            errs = {
+                "bf16": rel(F.linear(xt, w), ref),
+                "ours calibrated": rel(F.linear(xt, ours), ref),
+                "ours data-free": rel(F.linear(xt, ours_free), ref),
+                "ck CUDA (our calibrated weights)": guarded(lambda: rel(F.linear(xt, ck), ref)) if ck_ok else float("nan"),
+            }
+        acc_lines.append(f"K={k} N={n}: " + ", ".join(f"{name} {e:.4f}" for name, e in errs.items())
+                         + f", bnb NF4 (weight-only) {nf4_error(w, xt, ref)}")
+
+        for m in batches:
+            x = outlier_activations(m, k, 3 + m, hot, spread)
+            flops = 2 * m * n * k
+            with torch.inference_mode():
+                t_bf16 = median_us(lambda: F.linear(x, w, bias))
+                t_ours = median_us(lambda: F.linear(x, ours, bias))
+                t_ck = guarded(lambda: median_us(lambda: F.linear(x, ck, bias), rep=50)) if ck_ok else float("nan")
+                p = ours._params
+                codes, ascales, lora = quantize_activations(x, p.smooth_factor, p.proj_down)
+                t_q = median_us(lambda: quantize_activations(x, p.smooth_factor, p.proj_down))
+                t_g = median_us(lambda: gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias, x.dtype))
+                t_f8 = float("nan")
+                if fp8_ok:  # the whole pipeline with e4m3 codes and the fp8 MMA
+                    def fp8_pipeline():
+                        q = quantize_activations(x, p.smooth_factor, p.proj_down, codes_dtype=torch.float8_e4m3fn)
+                        return gemm_mod.w4a4_gemm(q[0], q[1], ours._qdata, p.scale, q[2], p.proj_up, bias, x.dtype, dot="fp8")
+
+                    def checked_fp8():
+                        e = rel(fp8_pipeline(), F.linear(x, ours, bias).double())
+                        if e > 1e-2:
+                            raise AssertionError(f"fp8 pipeline differs from the int8 one by {e:.2e}")
+                        return median_us(fp8_pipeline)
+                    t_f8 = guarded(checked_fp8)
+                g_bf16 = g_ours = float("nan")
+                if m <= 16:  # launch overhead dominates here: also time CUDA-graph replays
+                    g_bf16 = do_bench_cudagraph(lambda: F.linear(x, w, bias), rep=100, return_mode="median") * 1e3
+                    g_ours = do_bench_cudagraph(lambda: F.linear(x, ours, bias), rep=100, return_mode="median") * 1e3
+            w_bytes = n * k // 2 + (k // 64) * n * 2 + (k + n) * RANK * 2 + k * 2
+            io_bytes = m * k * 2 + m * n * 2
+            floor_ours = max((w_bytes + io_bytes) / bw, flops / int8_peak) * 1e6
+            floor_bf16 = max((n * k * 2 + io_bytes) / bw, flops / bf16_peak) * 1e6
+            rows.append((k, n, m, t_bf16, floor_bf16, t_ck, t_ours, t_q, t_g, floor_ours, g_bf16, g_ours, t_f8))
+            print(f"K={k:5d} N={n:5d} M={m:5d}  bf16 {t_bf16:8.1f}  ck {t_ck:9.1f}  ours {t_ours:8.1f} "
+                  f"(quant {t_q:6.1f} + gemm {t_g:7.1f}; fp8 pipeline {t_f8:7.1f})  floor {floor_ours:7.1f}  "
+                  f"{t_bf16 / t_ours:5.2f}x bf16  {t_ck / t_ours:6.1f}x ck"
+                  + (f"  graphs: bf16 {g_bf16:.1f} ours {g_ours:.1f} ({g_bf16 / g_ours:.2f}x)" if m <= 16 else ""),
+                  flush=True)
+
+        if args.variants and (k, n) == (3072, 12288):
+            x = outlier_activations(4096, k, 99, hot, spread)
+            p = ours._params
+            codes, ascales, lora = quantize_activations(x, p.smooth_factor, p.proj_down)
+            ref_out = gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias, torch.float32)
+            m_var = 4096
+            a8 = torch.randint(-7, 8, (m_var, k), device="cuda", dtype=torch.int8)
+            b8 = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+            t_int = median_us(lambda: torch._int_mm(a8, b8.t()))
+            print(f"variant M={m_var} K={k} N={n} torch._int_mm (cuBLAS int8, no scales): {t_int:8.1f} us  {2 * m_var * n * k / t_int / 1e6:6.0f} TOP/s")
+            if fp8_ok:
+                a_f8, b_f8 = a8.to(torch.float8_e4m3fn), b8.to(torch.float8_e4m3fn)
+                one = torch.ones((), device="cuda")
+                t_f8mm = guarded(lambda: median_us(lambda: torch._scaled_mm(a_f8, b_f8.t(), one, one, out_dtype=torch.bfloat16)))
+                print(f"variant M={m_var} K={k} N={n} torch._scaled_mm (cuBLAS fp8, per-tensor): {t_f8mm:8.1f} us  {2 * m_var * n * k / t_f8mm / 1e6:6.0f} TOP/s")
+            for m_var, cfgs, variants in (
+                (4096, gemm_mod._CONFIGS["large"][:3], [(d, f) for d in gemm_mod.DOT_KINDS for f in (False, True)]),
+                (1, gemm_mod._CONFIGS["gemv"], [("int8", False), ("fp8", False)]),
+            ):
+                xv = x[:m_var]
+                cv, av, lv = quantize_activations(xv, p.smooth_factor, p.proj_down)
+                cf8 = quantize_activations(xv, p.smooth_factor, p.proj_down, codes_dtype=torch.float8_e4m3fn)[0] if fp8_ok else None
+                ref_v = gemm_mod.w4a4_gemm(cv, av, ours._qdata, p.scale, lv, p.proj_up, bias, torch.float32)
+                for i, cfg in enumerate(cfgs):
+                    c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    extra = [(d, False, True) for d in ("int8", "fp8")] if (m_var == 4096 and i == 0) else []
+                    for dot, defer, *diag in [(d, f) for d, f in variants] + extra:
+                        if dot == "fp8" and not fp8_ok:
+                            continue
+                        no_scales = bool(diag and diag[0])
+                        a_codes = cf8 if dot == "fp8" else cv
+                        run = lambda: gemm_mod.w4a4_gemm(a_codes, av, ours._qdata, p.scale, lv, p.proj_up, bias,  # noqa: E731
+                                                         x.dtype, config=dict(c), dot=dot, defer=defer, timing_no_scales=no_scales)
+                        try:
+                            err = rel(run(), ref_v.double())
+                            t = median_us(run)
+                            print(f"variant M={m_var} K={k} N={n} {c} dot={dot} defer={defer}"
+                                  + (" NO-SCALES diagnostic" if no_scales else "")
+                                  + f": {t:8.1f} us  {2 * m_var * n * k / t / 1e6:6.0f} TOP/s  err vs int8 path {err:.1e}", flush=True)
+                        except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
+                            print(f"variant M={m_var} {c} dot={dot} defer={defer}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+
+    print("\n## Accuracy (relative error vs float64, outlier-channel activations, M=256)")
+    for line in acc_lines:
+        print(line)
+    print("\n## Summary (us; ratios >1 mean ours is faster)")
+    print("| K | N | M | bf16 | ck W4A4 | ours | ours quant+gemm | ours fp8 pipeline | floor ours | vs bf16 | vs ck | TOP/s ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, n, m, tb, fb, tc, to, tq, tg, fo, gb, go, tf8 in rows:
+        print(f"| {k} | {n} | {m} | {tb:.1f} | {tc:.1f} | {to:.1f} | {tq:.1f}+{tg:.1f} | {tf8:.1f} | {fo:.1f} | "
+              f"{tb / to:.2f}x | {tc / to:.1f}x | {2 * m * n * k / to / 1e6:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
