@@ -85,13 +85,15 @@ def pack_codes(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
     return ((pairs[:, 0] << 4) | pairs[:, 1]).reshape(-1, 1)
 
 
-def optimized_quantize_4bit(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"):
+def optimized_quantize_4bit(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4",
+                            plain: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Like ``bnb4_codec.quantize_4bit`` (same outputs, same format) with a lower squared error.
 
-    Returns ``(packed, absmax)``. The short last block bitsandbytes allows is handled by
-    padding with zeros, which every codebook represents exactly.
+    Returns ``(packed, absmax)``; ``plain`` is the plain encoding when the caller has it. The
+    short last block bitsandbytes allows is handled by padding with zeros, which every
+    codebook represents exactly.
     """
-    packed, absmax = bnb4_codec.quantize_4bit(x, block_size, quant_type)
+    packed, absmax = plain if plain is not None else bnb4_codec.quantize_4bit(x, block_size, quant_type)
     flat = x.reshape(-1).float()
     n = flat.numel()
     codes = unpack_codes(packed, n)
@@ -111,3 +113,29 @@ def optimized_quantize_4bit(x: torch.Tensor, block_size: int = 64, quant_type: s
         out_codes[start:stop] = new_codes.view(-1)[: stop - start]
         out_scale[first:first + rows] = new_scale
     return pack_codes(out_codes, pad_code), out_scale
+
+
+def optimized_quantize(weight: torch.Tensor, layout, kwargs: dict):
+    """(optimized, plain) QuantizedTensors of ``weight`` in the NF4/FP4 ``layout``.
+
+    Goes through the layout's per-layer file contract (``state_dict_tensors`` /
+    ``comfy_quant_config`` / ``from_state_dict``), replacing only the codes and the block
+    scales, so the result is checked by the same code that checks files.
+    """
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    from ..layouts.bnb4 import ABSMAX, NESTED_ABSMAX, NESTED_OFFSET
+
+    layer = kwargs.get("layer") or "weight"
+    plain = QuantizedTensor.from_float(weight, layout.__name__, **kwargs)
+    config = layout.comfy_quant_config(plain._params)
+    tensors = dict(layout.state_dict_tensors(plain._qdata, plain._params))
+    quant_type = layout.FORMAT.removeprefix("bnb_")
+    start = None if config.get("double_quant") else (tensors[""], tensors[ABSMAX])
+    packed, absmax = optimized_quantize_4bit(weight, config["block_size"], quant_type, plain=start)
+    tensors[""] = packed
+    if config.get("double_quant"):
+        tensors[ABSMAX], tensors[NESTED_ABSMAX], tensors[NESTED_OFFSET] = bnb4_codec.quantize_nested_absmax(absmax)
+    else:
+        tensors[ABSMAX] = absmax
+    return layout.from_state_dict(layer, tensors, config), plain

@@ -10,10 +10,11 @@ Formats recognised, per layer ``L`` (a linear layer whose weight is ``L.weight``
   quantization ``L.weight.nested_absmax`` / ``L.weight.nested_quant_map``, and
   ``L.weight.quant_state.bitsandbytes__nf4|fp4`` (JSON: quant_type, blocksize, dtype, shape,
   nested_*). Read by ``convert.bnb.load_bnb_4bit`` (the NF4 layout's own loader).
-* convert_to_quant 0.4 series 4-bit: ``L.comfy_quant`` with format ``bnb_nf4``/``bnb_fp4``
-  and ``group_size`` at the JSON root or under ``"params"``, ``L.weight`` uint8 with the
-  first code in the LOW nibble, ``L.absmax`` (not ``L.weight.absmax``) float per block,
-  optionally ``L.quant_map``. Normalised by swapping the nibbles and handing the layer to the
+* convert_to_quant 0.4 series 4-bit: ``L.comfy_quant`` with format ``bnb_nf4``/``bnb_fp4``,
+  ``group_size`` at the JSON root or under ``"params"`` and, as that tool writes them,
+  ``quant_type``, ``dtype``, ``shape`` and the codebook as a ``quant_map`` list; ``L.weight``
+  uint8, flat, the first code in the LOW nibble; ``L.absmax`` (not ``L.weight.absmax``)
+  float32 per block (the last block may be short); optionally ``L.quant_map``. Normalised by swapping the nibbles and handing the layer to the
   bitsandbytes loader: the block math is the same.
 * convert_to_quant 0.4 series int8: ``L.comfy_quant`` with format ``int8_lodewise`` or
   ``int8_blockwise``, ``L.weight`` int8 (N, K), ``L.weight_scale`` float, (N, K//bs) for
@@ -161,6 +162,8 @@ def _c2q_4bit_as_bnb(item: QuantizedLayer, tensors: Mapping[str, torch.Tensor]) 
     quant_type = item.format.removeprefix("bnb_")
     state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
     quant_map = tensors.get(f"{layer}.quant_map")
+    if quant_map is None and isinstance(config.get("quant_map"), list):  # the codebook as a JSON list
+        quant_map = torch.tensor(config["quant_map"], dtype=torch.float32)
     return {
         f"{layer}.weight": swapped.reshape(-1, 1),
         f"{layer}.weight.absmax": absmax.float().reshape(-1),

@@ -30,7 +30,7 @@ from support import relative_error
 
 TOY = ToyBlockInt8Layout.FORMAT
 INPUT_METADATA = {"modelspec.title": "tiny test model", "format": "pt"}
-REAL_FORMAT_RTOL = {"bnb_nf4": 0.15, "bnb_fp4": 0.2, "int8_lodewise": 0.05, "svdquant_w4a4": 0.2}
+REAL_FORMAT_RTOL = {"bnb_nf4": 0.2, "bnb_fp4": 0.3, "int8_lodewise": 0.05, "svdquant_w4a4": 0.2}
 
 
 @pytest.fixture(autouse=True)
