@@ -174,7 +174,8 @@ def main() -> None:
                     c_ms = timed_ms(lambda: compiled(img, txt, vec))
                 line += f"{c_ms:>13.3f}  ok (rel err vs eager {rel_err(c_out, out):.2e})"
             except Exception as exc:  # report, don't hide: this is the documented status
-                reason = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0][:150]
+                text = " ".join(traceback.format_exception_only(type(exc), exc)).split("\n")
+                reason = " | ".join(line.strip() for line in text if line.strip())[:400]
                 line += f"{'-':>13}  FAILED: {reason}"
             torch._dynamo.reset()
         print(line, flush=True)

@@ -132,8 +132,7 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    raise AssertionError(f"{workflow} {subs}: {json.dumps(status.get('messages'))[-3000:]}\n"
-                                         f"{self.log_tail()}")
+                    raise AssertionError(f"{workflow} {subs}: {_execution_error(status)}")
                 return entry["outputs"]
             time.sleep(0.2)
         raise TimeoutError(f"{workflow} {subs} did not finish in {PROMPT_TIMEOUT_S}s\n{self.log_tail()}")
@@ -145,6 +144,16 @@ class ComfyServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def _execution_error(status: dict) -> str:
+    """The node, exception and last traceback lines of a failed prompt (not its inputs)."""
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            tb = "".join(data.get("traceback", [])).strip().splitlines()[-6:]
+            return (f"{data.get('node_type')}: {data.get('exception_type')}: "
+                    f"{str(data.get('exception_message', '')).strip()[:1500]}\n" + "\n".join(tb))
+    return json.dumps(status.get("messages"))[-1500:]
 
 
 @pytest.fixture(scope="module")
@@ -208,23 +217,29 @@ def test_formats_sample_with_lora(comfy):
     _check_image(ref_lora)
     lora_effect = _distance(ref_lora, ref_plain)
     assert lora_effect > 0.01, f"the LoRA changes the bf16 image by only {lora_effect:.4f}"
-    report = {"lora_effect": lora_effect}
-    for fmt, ui_name in comfy.formats.items():
-        runs = {
-            "file+requantize": comfy.run("lowbit_loader_lora", model=f"tiny_flux_{fmt}.safetensors", quantize="none",
-                                         lora_mode="requantize", lora_strength=1.0, prefix=f"{fmt}_file"),
-            "on_load+runtime": comfy.run("lowbit_loader_lora", model="tiny_flux_bf16.safetensors", quantize=ui_name,
-                                         lora_mode="runtime", lora_strength=1.0, prefix=f"{fmt}_onload"),
-            "stock_loader": comfy.run("stock_loader_lora", model=f"tiny_flux_{fmt}.safetensors", lora_strength=1.0,
-                                      prefix=f"{fmt}_stock"),
-        }
-        for name, path in runs.items():
-            pixels = _pixels(path)
+    report = {"device": comfy.get("/system_stats")["devices"][0]["name"], "lora_effect": lora_effect}
+    failures = []
+
+    def check(name: str, workflow: str, **subs) -> None:
+        """One sampled image vs bf16+LoRA; failures are collected so every format gets its turn."""
+        try:
+            pixels = _pixels(comfy.run(workflow, **subs))
             _check_image(pixels)
-            err = _distance(pixels, ref_lora)
-            report[f"{fmt}/{name}"] = err
-            assert err < lora_effect, (f"{fmt} {name}: {err:.4f} from bf16+LoRA, the LoRA itself moves the image "
-                                       f"{lora_effect:.4f}")
+            err = report[name] = _distance(pixels, ref_lora)
+            assert err < lora_effect, f"{err:.4f} from bf16+LoRA; the LoRA itself moves the image {lora_effect:.4f}"
+            print(f"ok   {name}: {err:.4f}", flush=True)
+        except AssertionError as exc:
+            report[name] = f"FAILED: {str(exc)[:2000]}"
+            failures.append(name)
+            print(f"FAIL {name}: {exc}", flush=True)
+
+    for fmt, ui_name in comfy.formats.items():
+        check(f"{fmt}/file+requantize", "lowbit_loader_lora", model=f"tiny_flux_{fmt}.safetensors", quantize="none",
+              lora_mode="requantize", lora_strength=1.0, prefix=f"{fmt}_file")
+        check(f"{fmt}/on_load+runtime", "lowbit_loader_lora", model="tiny_flux_bf16.safetensors", quantize=ui_name,
+              lora_mode="runtime", lora_strength=1.0, prefix=f"{fmt}_onload")
+        check(f"{fmt}/stock_loader", "stock_loader_lora", model=f"tiny_flux_{fmt}.safetensors", lora_strength=1.0,
+              prefix=f"{fmt}_stock")
     # The converter node: bf16 file -> a new quantized file beside it, which then samples.
     fmt, ui_name = next(iter(comfy.formats.items()))
     outputs = comfy.run_outputs("convert", source="diffusion_models/tiny_flux_bf16.safetensors", quantize=ui_name)
@@ -233,11 +248,8 @@ def test_formats_sample_with_lora(comfy):
     assert new_name == "tiny_flux_bf16-e2e.safetensors", text
     assert (comfy.base / "models" / "diffusion_models" / new_name).exists()
     assert "quantized" in text and fmt in text, text
-    pixels = _pixels(comfy.run("lowbit_loader_lora", model=new_name, quantize="none", lora_mode="requantize",
-                               lora_strength=1.0, prefix=f"{fmt}_converted"))
-    _check_image(pixels)
-    report[f"{fmt}/converted+requantize"] = err = _distance(pixels, ref_lora)
-    assert err < lora_effect, f"converted {fmt}: {err:.4f} vs LoRA effect {lora_effect:.4f}"
+    check(f"{fmt}/converted+requantize", "lowbit_loader_lora", model=new_name, quantize="none",
+          lora_mode="requantize", lora_strength=1.0, prefix=f"{fmt}_converted")
     # How ComfyUI placed the models (full load, or partial with offloaded MB under --lowvram/--novram).
     log = re.sub(r"\x1b\[[0-9;]*m", "", comfy.log_tail(10000))
     report["loads"] = [line.split("]", 1)[-1].strip() for line in log.splitlines()
@@ -245,6 +257,7 @@ def test_formats_sample_with_lora(comfy):
     print(json.dumps(report, indent=1))
     if os.environ.get("COMFYUI_E2E_REPORT"):
         Path(os.environ["COMFYUI_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
+    assert not failures, f"failed: {failures}"
 
 
 if __name__ == "__main__":
