@@ -182,9 +182,9 @@ def graph_time(fns) -> float:
 # W8A8 GEMM tile variants timed on pre-quantized operands (BLOCK_M, BLOCK_N, warps, stages,
 # exact conversion, quantization block): what the autotuner chooses among, and a few more.
 VARIANTS = [
-    (64, 128, 4, 4, False, 128), (64, 128, 4, 4, True, 128), (64, 128, 4, 3, False, 128), (128, 64, 4, 4, False, 128),
-    (128, 128, 8, 3, False, 128), (64, 64, 4, 4, False, 128), (64, 256, 8, 3, False, 128),
-    (64, 128, 4, 4, False, 64), (64, 128, 4, 4, False, 256), (128, 128, 8, 3, False, 256),
+    (64, 128, 4, 4, False, 128, None), (64, 128, 4, 4, True, 128, None), (64, 128, 4, 3, False, 128, 168),
+    (128, 64, 4, 3, False, 128, 168), (64, 64, 4, 3, False, 128, 128), (128, 128, 8, 3, False, 128, None),
+    (64, 128, 4, 4, False, 64, None), (128, 128, 8, 3, False, 256, None), (64, 128, 4, 3, False, 256, 168),
 ]
 
 
@@ -214,11 +214,13 @@ def run_variants(shapes, m: int, dev) -> None:
     for k, n in shapes:
         w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        for bm, bn, warps, stages, exact, block in VARIANTS:
+        for bm, bn, warps, stages, exact, block, maxnreg in VARIANTS:
             a_q, a_s = quantize_rows(x, block)
             w_s = (torch.rand(k // block, n, device=dev) + 0.5).t()  # column-major, as the layout keeps it
             config = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
-            label = f"{bm}x{bn} w{warps} s{stages} B{block}{' exact' if exact else ''}"
+            if maxnreg:  # a register cap that lets 3 programs share an SM (MMA of one overlaps scaling of another)
+                config["maxnreg"] = maxnreg
+            label = f"{bm}x{bn} w{warps} s{stages} B{block}{' exact' if exact else ''}{f' r{maxnreg}' if maxnreg else ''}"
             try:
                 fn = lambda: w8a8_matmul(a_q, a_s, w, w_s, block, None, torch.bfloat16, exact_cvt=exact, config=config)  # noqa: E731
                 fn()

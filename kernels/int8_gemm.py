@@ -154,11 +154,14 @@ def int8_to_float(q, dtype: tl.constexpr):
     dropping the low 16 bits is exact).
     """
     if dtype == tl.float16:
-        return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-    f = (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    if dtype == tl.bfloat16:
-        return (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return f
+        out = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        f = (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        if dtype == tl.bfloat16:
+            out = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = f
+    return out  # one return: Triton 3.6 rejects returns of different types in constexpr branches
 
 
 @triton.jit
@@ -280,7 +283,7 @@ def _launch(tuned, plain, default_config, grid_args, kwargs, config):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         return grid, tuned, kwargs
     meta = dict(default_config if config is None else config)
-    extra = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    extra = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     return grid, plain, {**kwargs, **meta, **extra}
 
