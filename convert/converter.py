@@ -27,7 +27,7 @@ from comfy_kitchen.tensor import QuantizedTensor
 from ..layouts import LowBitLayout, QuantFormatError, layer_state_dict
 from .families import KeepRules
 from .options import layout_kwargs, resolve_format, takes_layer_name
-from .readers import QuantizedLayer, find_quantized_layers, to_quantized
+from .readers import FLOAT8, FOREIGN, QuantizedLayer, find_quantized_layers, to_quantized
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .writer import OutputExistsError, SafetensorsWriter, WriteError
 
@@ -222,7 +222,7 @@ def _used_config(layout: type[LowBitLayout], summary: ConvertSummary) -> dict[st
     """Metadata from the layer configs actually written (the block size the layout chose)."""
     if summary.layer_config is None:
         return {}
-    config = summary.layer_config
+    config = {k: v for k, v in summary.layer_config.items() if k not in ("orig_shape", "shape")}  # per layer
     block = next((config[k] for k in ("block_size", "blocksize", "group_size") if k in config), None)
     out = {"comfy_lowbit.layer_config": json.dumps(config, sort_keys=True)}
     if block is not None:
@@ -231,18 +231,24 @@ def _used_config(layout: type[LowBitLayout], summary: ConvertSummary) -> dict[st
 
 
 # ---- quantizing one weight ------------------------------------------------------------------
-def relative_error(weight: torch.Tensor, restored: torch.Tensor) -> float:
-    """``||restored - weight||_F / ||weight||_F``, accumulated in float32.
+ERROR_CHUNK = 1 << 22  # values per step of the error measurement: float32 temporaries of 16 MB
 
-    The difference is taken in the weights' own dtype (for bf16 one rounding of each
-    difference, <= 2^-9 relative, far below the quantization error being measured) so that
-    no float32 copy of the layer is made: it is the cheapest exact-enough pass over a layer.
+
+def relative_error(weight: torch.Tensor, restored: torch.Tensor) -> float:
+    """``||restored - weight||_F / ||weight||_F`` in float32, a few million values at a time.
+
+    Chunked so that measuring a layer never makes a float32 copy of it (a 12288 x 3072 bf16
+    weight would need 150 MB per copy, more than the rest of the conversion step).
     """
-    diff = torch.linalg.vector_norm(restored.to(weight.dtype) - weight, dtype=torch.float32).item()
-    ref = torch.linalg.vector_norm(weight, dtype=torch.float32).item()
-    if not math.isfinite(diff):
+    w, r = weight.reshape(-1), restored.reshape(-1)
+    diff_sq = ref_sq = 0.0
+    for start in range(0, w.numel(), ERROR_CHUNK):
+        wc = w[start:start + ERROR_CHUNK].float()
+        diff_sq += (r[start:start + ERROR_CHUNK].float() - wc).square_().sum().item()
+        ref_sq += wc.square_().sum().item()
+    if not math.isfinite(diff_sq):
         return math.inf
-    return diff / ref if ref else (0.0 if diff == 0 else math.inf)
+    return math.sqrt(diff_sq / ref_sq) if ref_sq else (0.0 if diff_sq == 0 else math.inf)
 
 
 def check_finite(key: str, tensor: torch.Tensor) -> None:
@@ -277,6 +283,24 @@ def _fits(layout: type[LowBitLayout], kwargs: dict, shape: tuple[int, ...]) -> s
     return None
 
 
+def _dry_run(f: SafetensorsFile, steps: list[Step], layout, kwargs: dict, summary: ConvertSummary) -> None:
+    """Fill ``summary`` with the plan, trying each new weight shape on the layout once."""
+    fits: dict[tuple[int, ...], str | None] = {}
+    for step in steps:
+        if step.kind == "keep":
+            summary.kept.append((step.key, step.reason))
+        elif step.kind == "quantized":
+            summary.passed_through.append((step.layer.layer, step.layer.describe))
+        else:
+            shape = f.info(step.key).shape
+            if shape not in fits:
+                fits[shape] = _fits(layout, kwargs, shape)
+            if fits[shape]:
+                summary.kept.append((step.key, fits[shape]))
+            else:
+                summary.quantized.append(LayerResult(step.key[: -len(".weight")], shape, math.nan))
+
+
 # ---- the loop -------------------------------------------------------------------------------
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, options: ConvertOptions, *,
                        progress: ProgressCallback | None = None, show_progress: bool = True) -> ConvertSummary:
@@ -297,33 +321,20 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
             raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
 
     with SafetensorsFile(src) as f:
-        quantized = find_quantized_layers(f.keys(), f.read)
+        quantized = find_quantized_layers(f.keys(), f.read, lambda key: f.info(key).torch_dtype)
         if quantized and not options.keep_quantized:
             examples = ", ".join(f"{q.layer} ({q.describe})" for q in list(quantized.values())[:3])
             raise ConversionError(
                 f"{src} already holds {len(quantized)} quantized layers, e.g. {examples}; pass --keep-quantized "
                 "to carry them over as they are and quantize only the rest")
-        rules = KeepRules([k for k in f.keys()], exclude=options.exclude, include=options.include)
+        rules = KeepRules(f.keys(), exclude=options.exclude, include=options.include)
         steps = plan(f, rules, quantized)
         summary = ConvertSummary(
             str(src), None if options.dry_run else str(dst), layout.FORMAT, kwargs, rules.describe(),
             input_bytes=os.path.getsize(src), dry_run=options.dry_run)
 
         if options.dry_run:
-            fit_cache: dict[tuple, str | None] = {}
-            for step in steps:
-                if step.kind == "keep":
-                    summary.kept.append((step.key, step.reason))
-                elif step.kind == "quantized":
-                    summary.passed_through.append((step.layer.layer, step.layer.describe))
-                else:
-                    shape = f.info(step.key).shape
-                    if shape not in fit_cache:
-                        fit_cache[shape] = _fits(layout, kwargs, shape)
-                    if fit_cache[shape]:
-                        summary.kept.append((step.key, fit_cache[shape]))
-                    else:
-                        summary.quantized.append(LayerResult(step.key[: -len(".weight")], shape, math.nan))
+            _dry_run(f, steps, layout, kwargs, summary)
             summary.seconds = time.perf_counter() - start
             return summary
 
@@ -352,9 +363,7 @@ def _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progr
                 nbytes = _run_step(f, step, writer, layout, kwargs, options, device, summary)
             except (ConversionError, WriteError, KeyboardInterrupt):
                 raise
-            except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError) as exc:
-                raise ConversionError(f"tensor '{step.key}': {exc}") from exc
-            except OSError as exc:
+            except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError, OSError) as exc:
                 raise ConversionError(f"tensor '{step.key}': {exc}") from exc
             done += nbytes
             bar.update(nbytes)
@@ -379,7 +388,7 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
     if step.kind == "quantized":
         item = step.layer
         nbytes = sum(f.info(k).nbytes for k in item.keys)
-        if item.source == "ours":  # already in our format: copy the bytes
+        if item.source in ("ours", FOREIGN, FLOAT8):  # ours, or formats we only carry: copy the bytes
             for key in item.keys:
                 info = f.info(key)
                 writer.add_raw(key, info.dtype, info.shape, f.raw_chunks(key))

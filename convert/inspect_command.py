@@ -42,7 +42,7 @@ def describe(path: str, *, show_all: bool = False) -> str:
         comps = detect_components(keys)
         lines.append("families: " + (", ".join(c.describe() for c in comps) or "none recognised"))
 
-        quantized = find_quantized_layers(keys, f.read)
+        quantized = find_quantized_layers(keys, f.read, lambda key: f.info(key).torch_dtype)
         owner = {key: item for item in quantized.values() for key in item.keys}
         by_format: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # format -> [count, bytes]
         for key in keys:

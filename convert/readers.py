@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 BNB_STATE = ".weight.quant_state.bitsandbytes__"
 C2Q_4BIT = ("bnb_nf4", "bnb_fp4")
 C2Q_INT8 = ("int8_lodewise", "int8_blockwise")
+FOREIGN = "comfy_quant, not ours"  # e.g. ComfyUI's float8_e4m3fn layers: carried over untouched
+FLOAT8 = "float8"  # float8 weights (ComfyUI "fp8 scaled" files): already quantized, carried over untouched
+FLOAT8_SCALES = (".scale_weight", ".scale_input", ".input_scale")
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, name))
 # Extra per-layer keys convert_to_quant writes beside L.weight (not under L.weight.*).
 C2Q_SUFFIXES = (".absmax", ".quant_map", ".input_scale", ".nested_absmax", ".nested_quant_map")
 
@@ -53,7 +58,7 @@ class QuantizedLayer:
     """One quantized layer found in a checkpoint: where, what, and which keys make it up."""
 
     layer: str
-    source: str  # "ours", "bitsandbytes", "convert_to_quant", "comfy_quant (unsupported)"
+    source: str  # "ours", "bitsandbytes", "convert_to_quant", FOREIGN or FLOAT8
     format: str  # e.g. "bnb_nf4"
     keys: tuple[str, ...]
     config: dict | None = None
@@ -79,10 +84,12 @@ def group_size(config: Mapping, layer: str) -> int:
     return size
 
 
-def find_quantized_layers(keys: Iterable[str], read: Callable[[str], torch.Tensor]) -> dict[str, QuantizedLayer]:
+def find_quantized_layers(keys: Iterable[str], read: Callable[[str], torch.Tensor],
+                          dtype: Callable[[str], torch.dtype] | None = None) -> dict[str, QuantizedLayer]:
     """Every quantized layer in a checkpoint with these ``keys``.
 
     ``read(key)`` fetches a tensor; only the small ``comfy_quant`` entries are read.
+    ``dtype(key)``, when given, lets float8 weights without ``comfy_quant`` be recognised too.
     """
     keys = list(keys)
     key_set = set(keys)
@@ -92,20 +99,27 @@ def find_quantized_layers(keys: Iterable[str], read: Callable[[str], torch.Tenso
             layer = key[: -len(COMFY_QUANT) - 1]
             config = decode_config(read(key), layer)
             fmt = config["format"]
-            if f"{layer}.absmax" in key_set and fmt in C2Q_4BIT:
+            if f"{layer}.absmax" in key_set and fmt.startswith("bnb_"):  # bnb_af4 too: refused when read
                 source = "convert_to_quant"
             elif fmt == "int8_blockwise" or (fmt == "int8_lodewise" and fmt not in FORMATS):
                 source = "convert_to_quant"
             elif fmt in FORMATS:
                 source = "ours"
             else:
-                source = "comfy_quant (unsupported)"
+                source = FOREIGN
             found[layer] = QuantizedLayer(layer, source, fmt, (key, *_layer_keys(layer, keys, C2Q_SUFFIXES)), config)
         elif BNB_STATE in key:
             layer, quant_type = key.split(BNB_STATE)
             if layer not in found:
                 found[layer] = QuantizedLayer(layer, "bitsandbytes", f"bnb_{quant_type}", _layer_keys(layer, keys))
+    if dtype is not None:
+        for key in keys:
+            if key.endswith(".weight") and key[: -len(".weight")] not in found and dtype(key) in FLOAT8_DTYPES:
+                layer = key[: -len(".weight")]
+                group = (*_layer_keys(layer, keys), *(layer + s for s in FLOAT8_SCALES if layer + s in key_set))
+                found[layer] = QuantizedLayer(layer, FLOAT8, str(dtype(key)).removeprefix("torch."), tuple(sorted(set(group))))
     return found
+
 
 
 # ---- normalising one layer ------------------------------------------------------------------
@@ -223,12 +237,16 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """A state dict with every recognised quantized layer as a QuantizedTensor at ``L.weight``.
 
     The layer's other file entries (scales, ``comfy_quant``, quant state) are consumed; every
-    other key (biases, norms, plain weights) is returned unchanged. Unsupported ``comfy_quant``
-    formats raise, naming the layer.
+    other key (biases, norms, plain weights) is returned unchanged, and so are layers in
+    ``comfy_quant`` formats that are not ours (ComfyUI's own float8 layers: ComfyUI reads them).
+    A recognised layer that is malformed raises, naming the layer.
     """
     found = find_quantized_layers(state_dict.keys(), state_dict.__getitem__)
     out = dict(state_dict)
     for item in found.values():
+        if item.source == FOREIGN:
+            logger.debug("layer %s: comfy_quant format %s is not ours; left as it is", item.layer, item.format)
+            continue
         tensors = {key: state_dict[key] for key in item.keys}
         weight = to_quantized(item, tensors)
         for key in item.keys:

@@ -337,3 +337,30 @@ def test_convert_to_quant_int8_files_are_read(tmp_path, capsys, fmt, config, rto
     assert summary.passed_through == [("blocks.0.fc", fmt if fmt == "int8_lodewise" else f"{fmt} (convert_to_quant)")]
     again = read_checkpoint(tmp_path / "out.safetensors")["blocks.0.fc.weight"]
     assert torch.equal(again.dequantize(), weight.dequantize())
+
+
+def test_float8_layers_are_already_quantized_and_carried_over_untouched(tmp_path, capsys):
+    """ComfyUI's fp8 files (plain "scaled fp8" and comfy_quant float8 layers) are not re-quantized."""
+    from comfy_lowbit.convert.readers import normalise_state_dict
+    from comfy_lowbit.layouts import encode_config
+
+    sd, _ = flux(torch.Generator().manual_seed(11))
+    sd["double_blocks.0.img_mlp.0.weight"] = sd["double_blocks.0.img_mlp.0.weight"].to(torch.float8_e4m3fn)
+    sd["double_blocks.0.img_mlp.0.scale_weight"] = torch.tensor(0.5)
+    sd["double_blocks.0.img_mlp.2.weight"] = sd["double_blocks.0.img_mlp.2.weight"].to(torch.float8_e4m3fn)
+    sd["double_blocks.0.img_mlp.2.weight_scale"] = torch.tensor(0.25)
+    sd["double_blocks.0.img_mlp.2.comfy_quant"] = encode_config({"format": "float8_e4m3fn"})
+    src = save(tmp_path / "in.safetensors", sd)
+    with pytest.raises(ConversionError, match="already holds 2 quantized layers"):
+        convert(src, tmp_path / "out.safetensors")
+    summary = convert(src, tmp_path / "out.safetensors", keep_quantized=True)
+    assert sorted(f for _, f in summary.passed_through) == ["float8_e4m3fn (comfy_quant, not ours)", "float8_e4m3fn (float8)"]
+    for key in ("double_blocks.0.img_mlp.0.weight", "double_blocks.0.img_mlp.0.scale_weight",
+                "double_blocks.0.img_mlp.2.weight", "double_blocks.0.img_mlp.2.weight_scale",
+                "double_blocks.0.img_mlp.2.comfy_quant"):
+        assert raw_bytes(tmp_path / "out.safetensors", key) == raw_bytes(src, key), key
+    assert "double_blocks.0.img_mlp.0" not in {r.name for r in summary.quantized}
+    normalised = normalise_state_dict({k: v for k, v in sd.items() if "img_mlp.2" in k})
+    assert normalised.keys() == {k for k in sd if "img_mlp.2" in k}
+    assert cli.main(["inspect", str(src)]) == 0
+    assert "float8_e4m3fn (comfy_quant, not ours)" in capsys.readouterr().out
