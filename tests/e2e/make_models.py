@@ -9,6 +9,7 @@ detection accepts the file as Flux):
 * ``diffusion_models/tiny_flux_<format>.safetensors``: the same weights, each linear layer of
   the blocks quantized to <format> in our per-layer file format (``layer_state_dict``);
 * ``formats.json``: {format: the loader's name for it} for the formats written;
+* ``text_encoders/clip_l_random.safetensors``: a random-weight CLIP-L (for the CLIP loader);
 * ``loras/tiny_flux_lora.safetensors``: a rank-8 LoRA on the attention and MLP linears of
   every block (ComfyUI's ``diffusion_model.<layer>.lora_{up,down}.weight`` naming).
 ~1M parameters: a 2-step sample of a 64x64 latent takes well under a second on a CPU.
@@ -90,6 +91,29 @@ def main(comfyui_dir: str, package_dir: str, models_dir: str, formats: list[str]
         lora[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(LORA_RANK, k) / k**0.5).to(torch.bfloat16)
         lora[f"diffusion_model.{layer}.lora_up.weight"] = (0.5 * torch.randn(n, LORA_RANK) / LORA_RANK**0.5).to(torch.bfloat16)
     save_file(lora, os.path.join(models_dir, "loras", "tiny_flux_lora.safetensors"))
+    # A CLIP-L text encoder (ComfyUI builds CLIP-L from a fixed config, so it is full size: 123 M
+    # parameters) with random weights, for LowBitCLIPLoader.
+    import json as _json
+
+    from comfy.clip_model import CLIPTextModel
+
+    with open(os.path.join(comfyui_dir, "comfy", "sd1_clip_config.json")) as f:
+        clip_config = _json.load(f)
+    te = CLIPTextModel(clip_config, dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
+    te_sd = {}
+    for key, value in te.state_dict().items():
+        if "norm" in key:
+            t = 1.0 + 0.1 * torch.randn(value.shape) if key.endswith("weight") else 0.02 * torch.randn(value.shape)
+        elif "embedding" in key:
+            t = 0.02 * torch.randn(value.shape)
+        elif value.dim() >= 2:
+            t = torch.randn(value.shape) / value.shape[1] ** 0.5
+        else:
+            t = 0.02 * torch.randn(value.shape) if value.is_floating_point() else value
+        te_sd[key] = t.to(torch.bfloat16).contiguous() if value.is_floating_point() else value.contiguous()
+    os.makedirs(os.path.join(models_dir, "text_encoders"), exist_ok=True)
+    save_file(te_sd, os.path.join(models_dir, "text_encoders", "clip_l_random.safetensors"))
+
     print(f"wrote tiny Flux ({sum(v.numel() for v in sd.values())} params, {len(block_linears)} block linears), "
           f"formats {formats}, LoRA on {len(block_linears)} layers")
 

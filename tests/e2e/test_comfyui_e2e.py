@@ -205,6 +205,25 @@ def test_nodes_are_registered(comfy):
         assert node in comfy.get(f"/object_info/{node}")
 
 
+def test_clip_loader_quantizes_a_text_encoder(comfy):
+    """LowBitCLIPLoader: a CLIP-L loaded as is and quantized on load; CLIPTextEncode runs on both."""
+    import numpy as np
+
+    def encode(quantize):
+        text = comfy.run_outputs("clip_loader", quantize=quantize)["3"]["text"][0]
+        stats = json.loads(text)
+        assert stats["finite"] and stats["shape"] == [1, 77, 768], stats
+        return np.array(stats["values"])
+
+    ref = encode("none")
+    report = {}
+    for fmt, ui_name in comfy.formats.items():
+        out = encode(ui_name)
+        err = report[fmt] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        assert 0 < err < 0.5, f"{fmt}: CLIP-L output {err:.4f} from the bf16 encoder's (0: nothing quantized)"
+    print("CLIP-L relative output error vs bf16:", json.dumps(report))
+
+
 def test_formats_sample_with_lora(comfy):
     """Every format: quantized file + requantize LoRA, quantize-on-load + runtime LoRA, stock loader."""
     assert comfy.formats, "no formats in the table: nothing quantized was tested"

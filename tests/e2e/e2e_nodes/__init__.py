@@ -4,7 +4,8 @@ The tiny random Flux has no text encoder and no VAE worth shipping, so:
 * ``LowBitE2EConditioning``: seeded random conditioning of the shapes Flux expects
   (context (1, 8, 64), pooled (1, 32));
 * ``LowBitE2ELatentToImage``: a fixed 16->3 channel projection of the latent, upscaled 8x,
-  squashed to [0, 1]: an IMAGE for SaveImage that changes whenever the latent does.
+  squashed to [0, 1]: an IMAGE for SaveImage that changes whenever the latent does;
+* ``LowBitE2EConditioningStats``: an output node reporting a CLIP encoder's conditioning.
 """
 import torch
 from comfy_api.latest import ComfyExtension, io
@@ -48,9 +49,31 @@ class LowBitE2ELatentToImage(io.ComfyNode):
         return io.NodeOutput(torch.sigmoid(rgb).permute(0, 2, 3, 1).contiguous())
 
 
+class LowBitE2EConditioningStats(io.ComfyNode):
+    """Output node: the conditioning's shape and values, as JSON text in the prompt's outputs."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitE2EConditioningStats", display_name="LowBit e2e conditioning stats", category="testing",
+            description="Reports a conditioning's tensor (shape, finiteness, first values) for the LowBit e2e test.",
+            inputs=[io.Conditioning.Input("conditioning")],
+            outputs=[], is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, conditioning):
+        import json
+
+        cond = conditioning[0][0].float()
+        stats = {"shape": list(cond.shape), "finite": bool(torch.isfinite(cond).all()),
+                 "values": cond.flatten()[:: max(1, cond.numel() // 4096)].tolist()}
+        return io.NodeOutput(ui={"text": [json.dumps(stats)]})
+
+
 class E2EExtension(ComfyExtension):
     async def get_node_list(self):
-        return [LowBitE2EConditioning, LowBitE2ELatentToImage]
+        return [LowBitE2EConditioning, LowBitE2ELatentToImage, LowBitE2EConditioningStats]
 
 
 async def comfy_entrypoint():
