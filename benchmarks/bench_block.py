@@ -25,7 +25,6 @@ import argparse
 import datetime
 import math
 import platform
-import sys
 import time
 import traceback
 
@@ -49,7 +48,8 @@ def make_weights(hidden: int, heads: int, mlp: int, device, seed: int = 0) -> di
             weights[f"{stream}.{name}.weight"] = (torch.randn(n, k, generator=gen) / k**0.5).to(device, torch.bfloat16)
             weights[f"{stream}.{name}.bias"] = (0.02 * torch.randn(n, generator=gen)).to(device, torch.bfloat16)
         for norm in ("q_norm", "k_norm"):
-            weights[f"{stream}.{norm}"] = (1 + 0.1 * torch.randn(hidden // heads, generator=gen)).to(device, torch.bfloat16)
+            scale = 1 + 0.1 * torch.randn(hidden // heads, generator=gen)
+            weights[f"{stream}.{norm}"] = scale.to(device, torch.bfloat16)
     return weights
 
 

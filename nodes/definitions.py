@@ -163,7 +163,8 @@ class LowBitConvert(io.ComfyNode):
                 io.Boolean.Input("optimize", default=False,
                                  tooltip="nf4/fp4: search each block's scale to minimise its error (slower "
                                          "conversion, same file format, lower error)."),
-                io.String.Input("suffix", default="", tooltip="Appended to the new file's name; empty: the format name."),
+                io.String.Input("suffix", default="",
+                                tooltip="Appended to the new file's name; empty: the format name."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace the output file if it exists."),
             ],
             outputs=[

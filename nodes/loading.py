@@ -2,7 +2,7 @@
 
 1. Read the file into a state dict in which every quantized linear weight we recognise is one
    QuantizedTensor under ``<layer>.weight`` (the converter's reader does this for our format
-   and foreign ones; without it, our own per-layer format is rebuilt here). A QuantizedTensor
+   and foreign ones: bitsandbytes/diffusers/Forge 4-bit, convert_to_quant). A QuantizedTensor
    reports its real (unpacked) shape, so ComfyUI's model detection, which reads shapes, sees
    the model it would see in a bf16 file.
 2. Hand that to ``comfy.sd.load_diffusion_model_state_dict`` (or the checkpoint / text
@@ -16,7 +16,9 @@ import logging
 
 import torch
 
-from .ops import lowbit_operations, pop_lowbit_layer
+from ..convert.families import KeepRules
+from ..convert.readers import normalise_state_dict, read_checkpoint
+from .ops import lowbit_operations
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +36,16 @@ def _file_metadata(path: str) -> dict | None:
 
 
 def read_state_dict(path: str) -> tuple[dict, dict | None]:
-    """``path`` -> (state dict with our QuantizedTensors, safetensors metadata)."""
-    try:
-        from ..convert.readers import read_checkpoint
-    except ImportError:  # converter package without readers: our own per-layer format only
-        read_checkpoint = None
-    if read_checkpoint is not None:
-        return read_checkpoint(path, "cpu"), _file_metadata(path)
+    """``path`` -> (state dict with our QuantizedTensors, safetensors metadata).
 
+    safetensors files stream through the converter's reader; other files (.ckpt, .pt) go
+    through ComfyUI's ``load_torch_file`` (weights-only unpickling) and the same normalisation.
+    """
+    if path.lower().endswith((".safetensors", ".sft")):
+        return read_checkpoint(path, "cpu"), _file_metadata(path)
     import comfy.utils
 
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    for key in [k for k in sd if k.endswith(".comfy_quant")]:
-        layer = key[: -len("comfy_quant")]
-        qt = pop_lowbit_layer(sd, layer)
-        if qt is not None:
-            sd[f"{layer}weight"] = qt
-    return sd, metadata
+    return normalise_state_dict(comfy.utils.load_torch_file(path, safe_load=True)), None
 
 
 def _quantize_device() -> torch.device | None:
@@ -65,16 +60,14 @@ def converter_keep_rule(sd: dict):
 
     The rules judge the file's keys; ComfyUI then strips prefixes (``model.diffusion_model.``)
     before our ``Linear`` sees a layer name, so a layer is quantized when some file layer the
-    rules quantize ends with its name. Returns None (ops' default rule) without the converter.
+    rules quantize ends with its name.
     """
-    try:
-        from ..convert.families import KeepRules
-    except ImportError:
-        return None
     rules = KeepRules(list(sd))
     chosen = set()
     for key, tensor in sd.items():
-        if isinstance(tensor, torch.Tensor) and rules.keep_reason(key, tuple(tensor.shape), tensor.is_floating_point()) is None:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if rules.keep_reason(key, tuple(tensor.shape), tensor.is_floating_point()) is None:
             parts = key[: -len(".weight")].split(".")
             chosen.update(".".join(parts[i:]) for i in range(len(parts)))
     return lambda layer: layer not in chosen

@@ -43,6 +43,7 @@ def loading_format(ui_name: str) -> str:
     """A node's format choice -> the format table's name ("none" stays "none")."""
     return UI_FORMATS.get(ui_name, ui_name)
 
+
 # Quantize-on-load touches the linear layers of repeated blocks only (a ``.<index>.`` in the
 # name: ``double_blocks.3.img_attn.qkv``, ``encoder.block.7.layer.0.SelfAttention.q``), the
 # same rule bitsandbytes Flux checkpoints follow: embedders and final projections are small

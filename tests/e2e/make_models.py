@@ -89,7 +89,8 @@ def main(comfyui_dir: str, package_dir: str, models_dir: str, formats: list[str]
         layer = key[: -len(".weight")]
         n, k = sd[key].shape
         lora[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(LORA_RANK, k) / k**0.5).to(torch.bfloat16)
-        lora[f"diffusion_model.{layer}.lora_up.weight"] = (0.5 * torch.randn(n, LORA_RANK) / LORA_RANK**0.5).to(torch.bfloat16)
+        up = 0.5 * torch.randn(n, LORA_RANK) / LORA_RANK**0.5
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = up.to(torch.bfloat16)
     save_file(lora, os.path.join(models_dir, "loras", "tiny_flux_lora.safetensors"))
     # A CLIP-L text encoder (ComfyUI builds CLIP-L from a fixed config, so it is full size: 123 M
     # parameters) with random weights, for LowBitCLIPLoader.

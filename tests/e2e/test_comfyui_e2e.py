@@ -7,8 +7,9 @@ Runs when ``COMFYUI_DIR`` points at a ComfyUI work tree (skips otherwise, as in 
     COMFYUI_DIR=... python tests/e2e/test_comfyui_e2e.py [--gpu]      # same, --gpu: no --cpu flag
 
 ``COMFYUI_PYTHON`` picks the interpreter for ComfyUI (default: ``$COMFYUI_DIR/venv/bin/python``
-if it exists, else this one); ``COMFYUI_E2E_GPU=1`` is ``--gpu``; ``COMFYUI_E2E_ARGS`` adds ComfyUI flags (``--novram`` offloads
-every weight to the CPU and streams it per layer: the low-VRAM path). Each run makes a fresh base
+if it exists, else this one); ``COMFYUI_E2E_GPU=1`` is ``--gpu``; ``COMFYUI_E2E_ARGS`` adds
+ComfyUI flags (``--novram`` offloads every weight to the CPU and streams it per layer: the
+low-VRAM path). Each run makes a fresh base
 directory (models, custom_nodes with this repository and the two test nodes in
 ``e2e_nodes/``, output, user), starts ``main.py`` headless on a free port, and queues the
 API-format workflows of ``workflows/`` over HTTP with their ``$PLACEHOLDERS`` filled in.
@@ -75,7 +76,8 @@ class ComfyServer:
         web.mkdir(exist_ok=True)
         (web / "index.html").write_text("<html><body>ComfyUI-LowBit e2e</body></html>")
         args = [_python(), "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base), "--front-end-root", str(web)]
+                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
+                "--front-end-root", str(web)]
         if not GPU:
             args.append("--cpu")
         args += os.environ.get("COMFYUI_E2E_ARGS", "").split()  # e.g. --novram: offload every weight
