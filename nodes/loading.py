@@ -12,15 +12,11 @@
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..convert.families import KeepRules
 from ..convert.readers import normalise_state_dict, read_checkpoint
 from .ops import lowbit_operations
-
-logger = logging.getLogger(__name__)
 
 LORA_MODES = ("requantize", "runtime")
 DEFAULT_LORA_MODE = "requantize"
