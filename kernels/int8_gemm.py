@@ -198,10 +198,11 @@ def _w8a16_kernel(
 # ----------------------------------------------------------------------------- tuning
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is the quantization block. The W8A8
-# tile holds an int32 partial and an fp32 accumulator: 64x128 per warpgroup (195 registers)
-# leaves room for two programs per SM, whose MMAs and rescaling then overlap; 128x128 with
-# 8 warps hits 255 registers and one program per SM (measured 20% slower, NOTES.md).
-W8A8_TILES = [(64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
+# tile holds an int32 partial and an fp32 accumulator: 64x128 per warpgroup capped at 168
+# registers (optional 5th entry: maxnreg) lets three programs share an SM, so one's MMAs run
+# while another rescales (measured 612-658 TOP/s vs 544-594 uncapped with two per SM, and
+# 504-528 for 128x128 with 8 warps at 255 registers, one per SM; benchmarks/NOTES.md).
+W8A8_TILES = [(64, 128, 4, 3, 168), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
 # Small M is bound by the weight read: narrow N tiles keep enough programs for 132 SMs.
 W8A16_TILES = [(16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (16, 128, 4, 4)]
 SMEM_LIMIT = 220 * 1024
@@ -209,8 +210,9 @@ SMEM_LIMIT = 220 * 1024
 
 def _configs(tiles):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in tiles
+        triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "GROUP_M": 8}, num_warps=t[2], num_stages=t[3],
+                      maxnreg=t[4] if len(t) > 4 else None)
+        for t in tiles
     ]
 
 
@@ -253,8 +255,11 @@ def fixed_config(plain: dict, tiles: list) -> dict:
     first candidate tile on the GPU."""
     if INTERPRETING:
         return plain
-    bm, bn, warps, stages = tiles[0]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    bm, bn, warps, stages = tiles[0][:4]
+    config = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    if len(tiles[0]) > 4:
+        config["maxnreg"] = tiles[0][4]
+    return config
 
 
 # ----------------------------------------------------------------------------- launchers

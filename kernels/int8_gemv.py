@@ -8,7 +8,8 @@ fp32 on CUDA cores: a single row gives tensor cores nothing to do, the time is t
 read (1 byte per element). Codes become fp32 with an integer add and a float subtract
 (``int8_to_float``), not the conversion unit, which would take longer than the read.
 
-Each program owns BLOCK_N weight rows and walks K in steps of ``STEP_BLOCKS`` quantization
+Each program owns BLOCK_N weight rows (of one K slice, when N is too narrow to give every SM
+several programs) and walks K in steps of ``STEP_BLOCKS`` quantization
 blocks, issuing the step's loads before any arithmetic so that several 16-byte loads per
 thread are in flight. Everything is 2-D (rows x K), so x is loaded straight into the
 layout the products need, with no shuffles through shared memory.
@@ -28,28 +29,58 @@ w8a16_gemv_reference = w8a16_reference
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     N, K, stride_wn, stride_wsn, stride_wsk,
-    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
 ):
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) over the s-th of SPLIT slices of the K
+    blocks. SPLIT == 1 writes the output; otherwise fp32 partials (SPLIT, N) for
+    ``_split_k_sum``, so that a narrow N still gives every SM several programs."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     wn = offs_n % N  # out-of-range rows read a valid row; masked at the store
     offs_k = tl.arange(0, QBLOCK)
     w_rows = w_ptr + wn[:, None].to(tl.int64) * stride_wn
     s_rows = w_scale_ptr + wn * stride_wsn
     num_blocks = K // QBLOCK
+    per_split = tl.cdiv(num_blocks, SPLIT)
+    kb_begin = split * per_split
+    kb_end = tl.minimum(kb_begin + per_split, num_blocks)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kb0 in range(0, num_blocks, STEP_BLOCKS):
+    for kb0 in range(kb_begin, kb_end, STEP_BLOCKS):
         for j in tl.static_range(STEP_BLOCKS):
-            kb = tl.minimum(kb0 + j, num_blocks - 1)  # a step past the end re-reads the last block...
+            kb = tl.minimum(kb0 + j, kb_end - 1)  # a step past the slice re-reads its last block...
             kcol = (kb0 + j) * QBLOCK + offs_k
-            k_ok = kcol < K  # ...with x masked to 0 there, so it adds nothing
+            k_ok = kcol < kb_end * QBLOCK  # ...with x masked to 0 there, so it adds nothing
             w = tl.load(w_rows + kcol[None, :], mask=k_ok[None, :], other=0)  # (BLOCK_N, QBLOCK) int8
             x = tl.load(x_ptr + kcol, mask=k_ok, other=0.0).to(tl.float32)  # (QBLOCK,)
             s = tl.load(s_rows + kb * stride_wsk)  # (BLOCK_N,)
             acc += tl.sum(int8_to_float(w, tl.float32) * x[None, :], axis=1) * s
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + wn).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    else:
+        tl.store(out_ptr + split * N + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def _split_k_sum(part_ptr, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    parts = tl.load(part_ptr + tl.arange(0, SPLIT)[:, None] * N + offs[None, :], mask=ok[None, :], other=0.0)
+    acc = tl.sum(parts, axis=0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + wn).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def split_for(n: int, num_blocks: int) -> int:
+    """K slices so that narrow layers still fill the GPU: about 1024 16-row programs in all."""
+    split = 1
+    while split < 8 and triton.cdiv(n, 16) * split < 1024 and num_blocks // (2 * split) >= 2:
+        split *= 2
+    return split
 
 
 # (BLOCK_N, STEP_BLOCKS, num_warps): a (BLOCK_N, B) int8 tile spans num_warps * 32 threads at
@@ -62,7 +93,7 @@ if INTERPRETING:
 else:
     _gemv_tuned = triton.autotune(
         [triton.Config({"BLOCK_N": bn, "STEP_BLOCKS": sb}, num_warps=w, num_stages=1) for bn, sb, w in GEMV_TILES],
-        key=["N", "K", "QBLOCK"],
+        key=["N", "K", "QBLOCK", "SPLIT"],
     )(_gemv_kernel)
 
 PLAIN_GEMV = {"BLOCK_N": 8, "STEP_BLOCKS": 2}
@@ -70,9 +101,13 @@ PLAIN_GEMV = {"BLOCK_N": 8, "STEP_BLOCKS": 2}
 
 def w8a16_gemv(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
-    bias: torch.Tensor | None = None, *, config: dict | None = None,
+    bias: torch.Tensor | None = None, *, config: dict | None = None, split: int | None = None,
 ) -> torch.Tensor:
-    """``x @ (w_q * w_scale).T + bias`` for one row ``x`` (1, K); output (1, N) in x's dtype."""
+    """``x @ (w_q * w_scale).T + bias`` for one row ``x`` (1, K); output (1, N) in x's dtype.
+
+    ``split`` K slices (default ``split_for``: more for narrow N) are summed by a second,
+    tiny kernel in fp32.
+    """
     n, k = w_q.shape
     if x.dim() != 2 or x.shape != (1, k) or x.stride(1) != 1:
         raise ValueError(f"w8a16_gemv takes x of shape (1, {k}) with unit stride along K, got {tuple(x.shape)}")
@@ -83,14 +118,21 @@ def w8a16_gemv(
         raise ValueError(f"weight must be int8 (N, K) with fp32 scales (N, K // {block_size}), got {w_q.dtype} "
                          f"{tuple(w_q.shape)} and {w_scale.dtype} {tuple(w_scale.shape)}")
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    args = (x, w_q, w_scale, bias if bias is not None else out, out, n, k, w_q.stride(0), *w_scale.stride())
-    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size)
+    split = split_for(n, k // block_size) if split is None else split
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"split must be a power of two, got {split}")
+    target = out if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
+    args = (x, w_q, w_scale, bias if bias is not None else out, target, n, k, w_q.stride(0), *w_scale.stride())
+    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, SPLIT=split)
     if config is None and autotuning():
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **kwargs)
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs)
     else:
         if config is None:
             config = PLAIN_GEMV if INTERPRETING else dict(zip(("BLOCK_N", "STEP_BLOCKS", "num_warps"), GEMV_TILES[2]))
         meta = dict(config)
         extra = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
-        _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](*args, **kwargs, **meta, **extra)
+        _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs, **meta, **extra)
+    if split > 1:
+        _split_k_sum[(triton.cdiv(n, 256),)](target, bias if bias is not None else out, out, n,
+                                             HAS_BIAS=bias is not None, SPLIT=split, BLOCK=256)
     return out

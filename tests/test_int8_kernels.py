@@ -121,8 +121,10 @@ def test_w8a8_gpu_tiles(tile, out_dtype):
     x = outlier_matrix(m, k, seed=8, scale=20.0).to(torch.bfloat16)
     bias = torch.randn(n).to(out_dtype).to(KERNEL_DEVICE)
     q, scale_t = _quantize_on_device(x, block)
-    bm, bn, warps, stages = tile
+    bm, bn, warps, stages = tile[:4]
     config = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    if len(tile) > 4:
+        config["maxnreg"] = tile[4]
     out = w8a8_matmul(q, scale_t, w_q, w_s, block, bias, out_dtype, config=config)
     _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
 
@@ -184,14 +186,15 @@ def test_w8a16_matches_reference(block, m, n, kb, dtype):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("n,kb,dtype", [(37, 3, torch.bfloat16), (9, 1, torch.float32), (70, 2, torch.float16)])
-def test_gemv_matches_reference(block, n, kb, dtype):
+@pytest.mark.parametrize("n,kb,dtype,split", [(37, 3, torch.bfloat16, 1), (9, 1, torch.float32, 2),
+                                               (70, 5, torch.float16, 2), (33, 7, torch.bfloat16, 4)])
+def test_gemv_matches_reference(block, n, kb, dtype, split):
     m = 1
     k = kb * block
     w_q, w_s = _weight(n, k, block, seed=k)
     x = outlier_matrix(m, k, seed=n, scale=25.0).to(dtype)
     bias = None if n == 9 else torch.randn(n).to(KERNEL_DEVICE)
-    out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV)
+    out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV, split=split)
     assert out.shape == (m, n) and out.dtype == dtype
     _check_weight_only(out, x, w_q, w_s, block, bias)
 
@@ -202,7 +205,7 @@ def test_weight_only_paths_propagate_nan():
     x = outlier_matrix(6, k, seed=9).to(torch.bfloat16)
     x[1, 3] = float("nan")
     x = x.to(KERNEL_DEVICE)
-    gemv = [w8a16_gemv(x[i : i + 1], w_q, w_s, block, config=int8_gemv.PLAIN_GEMV) for i in range(2)]
+    gemv = [w8a16_gemv(x[i : i + 1], w_q, w_s, block, config=int8_gemv.PLAIN_GEMV, split=1 + i) for i in range(2)]
     for out in (torch.cat(gemv), w8a16_matmul(x, w_q, w_s, block, config=int8_gemm.PLAIN_W8A16)):
         out = out.cpu()
         assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
