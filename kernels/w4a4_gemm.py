@@ -122,8 +122,12 @@ def w4a4_gemm_kernel(
     M, N, K, R, CHUNKS,
     stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UNPACKED: tl.constexpr, TIMING_NO_SCALES: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UNPACKED: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, PAIRS: tl.constexpr = False, TIMING_NO_SCALES: tl.constexpr = False,
 ):
+    # SPLIT_K > 1 (small M): program (i, s) sums the s-th slice of the groups and adds it into a
+    # zeroed fp32 ``out`` with atomics; slice 0 also adds the low-rank term and the bias.
+    # PAIRS: two groups per iteration (both MMAs issued before either is scaled).
     # Grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -148,30 +152,46 @@ def w4a4_gemm_kernel(
         half = tl.arange(0, 32)
         a_rows = a_ptr + rows[:, None].to(tl.int64) * K + half[None, :]
         w_cols = w_ptr + cols[None, :].to(tl.int64) * (K // 2) + half[:, None]
+    split = tl.program_id(1)
+    per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_first = split * per_split
+    g_last = tl.minimum(g_first + per_split, num_groups)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(num_groups):
+    for g in range(g_first, g_last, 2 if PAIRS else 1):
         d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT, UNPACKED)
+        if PAIRS:  # the launcher guarantees an even number of groups
+            d_next = _group_product(a_rows, w_cols, g + 1, row_ok, col_ok, DOT, UNPACKED)
         if TIMING_NO_SCALES:  # benchmark diagnostic only (wrong result): the cost of the scaling
             acc += d
+            if PAIRS:
+                acc += d_next
         else:
             a_scale = tl.load(ascales_ptr + g * M + rows, mask=row_ok, other=0.0)
             w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc += d * (a_scale[:, None] * w_scale[None, :])
+            if PAIRS:
+                a_scale = tl.load(ascales_ptr + (g + 1) * M + rows, mask=row_ok, other=0.0)
+                w_scale = tl.load(wscales_ptr + (g + 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                acc += d_next * (a_scale[:, None] * w_scale[None, :])
 
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     lora_tile = lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :]
     lora_ok = row_ok[:, None] & rank_ok[None, :]
+    once = (split == 0).to(tl.float32)  # the low-rank term and bias belong to one K slice only
     lora = tl.load(lora_tile, mask=lora_ok, other=0.0)
     for c in range(1, CHUNKS):
         lora += tl.load(lora_tile + c * M * R, mask=lora_ok, other=0.0)
     up = tl.load(up_ptr + cols[None, :].to(tl.int64) * R + ranks[:, None],
                  mask=col_ok[None, :] & rank_ok[:, None], other=0.0).to(tl.float32)
-    acc = tl.dot(lora, up, acc)
+    acc = tl.dot(lora * once, up, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * once
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if SPLIT_K > 1:
+        tl.atomic_add(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -206,15 +226,19 @@ def unpack_weight_reference(qweight: torch.Tensor) -> torch.Tensor:
     return split_group_order(unpack_int4(qweight))
 
 
-def _config(bm, bn, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+def _config(bm, bn, warps, stages, group_m=8, split_k=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "SPLIT_K": split_k},
+                         num_warps=warps, num_stages=stages)
 
 
 # Tile shapes as data, by M bucket. Small M: one row tile (weight read once), narrow N tiles
 # so N/BLOCK_N programs fill the 132 SMs. Large M: wide tiles so each unpacked weight tile
 # serves many rows.
 _CONFIGS = {
-    "gemv": [_config(16, 32, 4, 4), _config(16, 64, 4, 4), _config(16, 64, 4, 6), _config(16, 128, 4, 4), _config(16, 128, 4, 6)],
+    # GEMV: one 48-group K loop per program was latency-bound (v2: 38 us where the weight read
+    # takes 7 us); split K so ~1000+ programs each walk a few groups, adding up with atomics.
+    "gemv": [_config(16, 64, 4, 3, split_k=8), _config(16, 64, 4, 3, split_k=16), _config(16, 128, 4, 3, split_k=8),
+             _config(16, 32, 4, 3, split_k=8), _config(16, 128, 4, 3, split_k=16)],
     "mid": [_config(64, 64, 4, 4), _config(64, 128, 4, 4), _config(128, 128, 8, 3)],
     # 128x256 and 256x128 spill on sm_90 (an fp32 accumulator plus the group's partial sum
     # exceed 255 registers per thread), so the large tiles stop at 128x128 with 8 warps.
@@ -236,7 +260,9 @@ _TUNED: dict[str, object] = {}
 def _launcher(bucket: str):
     """The autotuned kernel for one M bucket (built lazily: autotune fails under the interpreter)."""
     if bucket not in _TUNED:
-        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS", "DOT", "UNPACKED"])(w4a4_gemm_kernel)
+        # Split-K configs add into ``out``: zero it before each autotuning trial.
+        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS", "DOT", "UNPACKED", "PAIRS"],
+                                         reset_to_zero=["out_ptr"] if bucket == "gemv" else None)(w4a4_gemm_kernel)
     return _TUNED[bucket]
 
 
@@ -260,12 +286,6 @@ def w4a4_gemm(
     for name, shape in expected.items():
         if tuple(got[name]) != shape:
             raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
-    args = (
-        codes, ascales, qweight.contiguous() if unpacked is None else unpacked, wscales.contiguous(), lora, proj_up.contiguous(),
-        bias if bias is not None else out, out, m, n, k, r, chunks, out.stride(0),
-    )
     if dot not in DOT_KINDS:
         raise ValueError(f"W4A4 GEMM: dot must be one of {DOT_KINDS}, got {dot!r}")
     want = torch.float8_e4m3fn if dot == "fp8" else torch.int8
@@ -273,15 +293,28 @@ def w4a4_gemm(
         raise ValueError(f"W4A4 GEMM: dot={dot!r} needs {want} activation codes, got {codes.dtype}")
     if unpacked is not None and (unpacked.dtype != want or tuple(unpacked.shape) != (n, k)):
         raise ValueError(f"W4A4 GEMM: unpacked weight must be ({n}, {k}) {want}, got {tuple(unpacked.shape)} {unpacked.dtype}")
-    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, DOT=dot, UNPACKED=unpacked is not None)
+    tuned = config is None and not _interpreting()
+    c = None if tuned else dict(config or {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "GROUP_M": 4})
+    split_k = (_bucket(m) == "gemv") if tuned else c.get("SPLIT_K", 1) > 1
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    # Split-K programs add fp32 partial sums into a zeroed buffer, cast once at the end.
+    target = torch.zeros(m, n, dtype=torch.float32, device=codes.device) if split_k else out
+    args = (
+        codes, ascales, qweight.contiguous() if unpacked is None else unpacked, wscales.contiguous(), lora, proj_up.contiguous(),
+        bias if bias is not None else target, target, m, n, k, r, chunks, target.stride(0),
+    )
+    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, DOT=dot, UNPACKED=unpacked is not None,
+                PAIRS=unpacked is not None and not split_k and (k // GROUP) % 2 == 0)
     if timing_no_scales:
         meta["TIMING_NO_SCALES"] = True
-    if config is None and not _interpreting():
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+    if tuned:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
         _launcher(_bucket(m))[grid](*args, **meta)
-        return out
-    c = dict(config or {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "GROUP_M": 4})
-    warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
-    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-    w4a4_gemm_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
+    else:
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c.get("SPLIT_K", 1))
+        w4a4_gemm_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
+    if split_k:
+        out.copy_(target)
     return out

@@ -108,12 +108,16 @@ DOTS = ["int8", "int8_i2f"] + (["fp8"] if ON_GPU and torch.cuda.get_device_capab
 
 @pytest.mark.parametrize("dot", DOTS)
 @pytest.mark.parametrize("unpacked", [False, True])
-def test_gemm_variants_agree(dot, unpacked):
-    codes, ascales, qweight, wscales, lora, up, bias = _gemm_inputs(9, 48, 192, 8, torch.float32, seed=7)
+@pytest.mark.parametrize("k", [192, 256])  # 4 groups: two per iteration when unpacked
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemm_variants_agree(dot, unpacked, k, split_k):
+    codes, ascales, qweight, wscales, lora, up, bias = _gemm_inputs(9, 48, k, 8, torch.float32, seed=7)
     code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
     a = split_group_order(codes).to(code_dtype)
     w8 = unpack_weight(qweight, code_dtype) if unpacked else None
-    out = w4a4_gemm(a, ascales, qweight, wscales, lora, up, bias, torch.float32, dot=dot, unpacked=w8)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4, "SPLIT_K": split_k}
+    poison = torch.full((9, 48), float("nan"), device=KERNEL_DEVICE)
+    out = w4a4_gemm(a, ascales, qweight, wscales, lora, up, bias, torch.float32, dot=dot, unpacked=w8, config=config, out=poison)
     ref = w4a4_gemm_reference(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
     assert relative_error(out, ref) < (2e-3 if ON_GPU else 1e-5)
 
