@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from collections import Counter
@@ -31,7 +32,9 @@ from .readers import FLOAT8, FOREIGN, QuantizedLayer, find_quantized_layers, to_
 from .safetensors_file import SafetensorsError, SafetensorsFile
 from .writer import OutputExistsError, SafetensorsWriter, WriteError
 
-ProgressCallback = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
+# (bytes done, bytes total, current tensor). It may raise to cancel (ComfyUI's interrupt does):
+# the exception propagates unchanged and no output is left.
+ProgressCallback = Callable[[int, int, str], None]
 
 
 class ConversionError(RuntimeError):
@@ -273,13 +276,20 @@ def quantize_weight(weight: torch.Tensor, layout: type[LowBitLayout], kwargs: di
     return QuantizedTensor.from_float(weight, layout.__name__, **kwargs), None
 
 
+def _misfit(layout: type[LowBitLayout], exc: Exception) -> str:
+    """The keep reason for a weight the format cannot hold, without the layer's name (so the
+    summary groups all layers kept for the same reason)."""
+    detail = re.sub(r"^(layer '[^']*'|quantized weight): ", "", str(exc))
+    return f"does not fit {layout.FORMAT}: {detail}"
+
+
 def _fits(layout: type[LowBitLayout], kwargs: dict, shape: tuple[int, ...]) -> str | None:
     """None if the layout can hold a weight of this shape, else its reason (tried on a few rows)."""
     probe = torch.randn(min(shape[0], 256), shape[1], dtype=torch.bfloat16)
     try:
         QuantizedTensor.from_float(probe, layout.__name__, **kwargs)
     except (QuantFormatError, ValueError) as exc:
-        return f"shape {tuple(shape)} does not fit {layout.FORMAT}: {exc}"
+        return _misfit(layout, exc)
     return None
 
 
@@ -312,6 +322,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None, op
     if options.optimize and layout.FORMAT not in ("bnb_nf4", "bnb_fp4"):
         raise ValueError(f"--optimize applies to bnb_nf4 and bnb_fp4, not {layout.FORMAT}")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build sees no CUDA device; use --device cpu")
     src = Path(src)
     if dst is not None and not options.dry_run:
         dst = Path(dst)
@@ -364,7 +376,8 @@ def _run_steps(f, steps, writer, layout, kwargs, options, device, summary, progr
             except (ConversionError, WriteError, KeyboardInterrupt):
                 raise
             except (QuantFormatError, SafetensorsError, ValueError, RuntimeError, TypeError, OSError) as exc:
-                raise ConversionError(f"tensor '{step.key}': {exc}") from exc
+                named = f"'{step.key}'" in str(exc) or (step.layer and f"'{step.layer.layer}'" in str(exc))
+                raise ConversionError(str(exc) if named else f"tensor '{step.key}': {exc}") from exc
             done += nbytes
             bar.update(nbytes)
             bar.set_postfix_str(f"{index}/{len(steps)} tensors", refresh=False)
@@ -409,7 +422,7 @@ def _run_step(f, step: Step, writer, layout, kwargs, options, device, summary) -
         with summary.timed("quantize"):
             qt, plain = quantize_weight(weight, layout, {**kwargs, "layer": layer}, options.optimize)
     except QuantFormatError as exc:  # the format cannot hold this shape: keep the weight as it is
-        reason = f"shape {info.shape} does not fit {layout.FORMAT}: {exc}"
+        reason = _misfit(layout, exc)
         writer.add_raw(step.key, info.dtype, info.shape, f.raw_chunks(step.key))
         summary.kept.append((step.key, reason))
         return info.nbytes

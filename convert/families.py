@@ -2,7 +2,9 @@
 
 Quantizing everything hurts: small layers that every token passes through (the input and
 output projections, the time/guidance/text embedders, norms) carry most of the sensitivity
-and little of the size. Each family below is data: a regular expression that recognises it
+and little of the size. Modulation linears (FLUX ``img_mod``, diffusers ``norm1.linear``,
+Qwen-Image ``img_mod``) are large (a quarter to a third of these models) and are quantized,
+except Chroma's approximator, which computes every block's modulation from one small MLP. Each family below is data: a regular expression that recognises it
 (its named group ``prefix`` is where the component starts inside a full checkpoint, e.g.
 ``model.diffusion_model.``) and globs, relative to that prefix, of the 2-D weights it keeps in
 their original precision, each with the reason printed in the summary. A checkpoint can hold
@@ -91,9 +93,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 # Rules for every key, family or not: the layer kinds that quantize badly everywhere.
+# Norm scales need no rule: they are 1-D. A 2-D weight named "norm" is an adaptive norm's
+# modulation linear (diffusers' ``norm1.linear``), as large as the attention; families that
+# need their modulation kept say so.
 GENERIC_KEEP: tuple[tuple[str, str], ...] = (
-    ("*norm*", "normalisation layer"),
-    ("*.ln_*", "normalisation layer"),
     ("*embed_tokens*", "token embedding"),
     ("*token_embedding*", "token embedding"),
     ("*position_embedding*", "positional embedding"),
@@ -145,6 +148,8 @@ class KeepRules:
         if not key.endswith(".weight"):
             return "bias" if key.endswith(".bias") else "not a linear weight"
         if len(shape) != 2:
+            if len(shape) == 1 and ("norm" in key or ".ln" in key):
+                return "normalisation layer"
             return f"not a 2-D linear weight (shape {tuple(shape)})"
         if not is_float:
             return "not floating point"

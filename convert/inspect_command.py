@@ -57,7 +57,9 @@ def describe(path: str, *, show_all: bool = False) -> str:
             nbytes = sum(f.info(k).nbytes for k in item.keys)
             by_format[item.describe][0] += 1
             by_format[item.describe][1] += nbytes
-            layer_rows.append((item.layer, item.describe, nbytes))
+            config = item.config or {}
+            shape = config.get("orig_shape") or config.get("shape")
+            layer_rows.append((item.layer, item.describe + (f" {list(shape)}" if shape else ""), nbytes))
         lines.append("contents (tensors, or layers for quantized formats):")
         for kind, (count, nbytes) in sorted(by_format.items(), key=lambda kv: -kv[1][1]):
             lines.append(f"  {count:6d}  {_size(nbytes):>9}  {kind}")

@@ -39,8 +39,9 @@ def layout_kwargs(layout: type[LowBitLayout], **options) -> dict:
             continue
         name = next((n for n in KEYWORDS.get(option, (option,)) if n in accepted), None)
         if name is None:
+            offered = [f"--{opt.replace('_', '-')}" for opt, names in KEYWORDS.items() if any(n in accepted for n in names)]
             raise ValueError(f"format {layout.FORMAT} has no {option.replace('_', ' ')} option "
-                             f"(its quantize takes: {', '.join(p for p in accepted if p not in ('cls', 'tensor', 'kwargs'))})")
+                             f"(it takes: {', '.join(offered) or 'no options'})")
         kwargs[name] = value
     return kwargs
 

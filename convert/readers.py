@@ -68,11 +68,24 @@ class QuantizedLayer:
         return self.format if self.source == "ours" else f"{self.format} ({self.source})"
 
 
-def _layer_keys(layer: str, keys: Iterable[str], extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    weight = f"{layer}.weight"
-    wanted = {f"{layer}{suffix}" for suffix in extra}
-    return tuple(sorted(k for k in keys if k == weight or k.startswith(weight + ".") or k.startswith(weight + "_")
-                        or k in wanted))
+def _weight_entries(keys: Iterable[str]) -> dict[str, list[str]]:
+    """layer -> its ``L.weight``, ``L.weight.*`` and ``L.weight_*`` keys, in one pass."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        cut = key.rfind(".weight")
+        while cut >= 0:
+            rest = key[cut + len(".weight"):]
+            if rest == "" or rest[0] in "._":
+                out.setdefault(key[:cut], []).append(key)
+                break
+            cut = key.rfind(".weight", 0, cut)
+    return out
+
+
+def _layer_keys(layer: str, by_layer: Mapping[str, list[str]], key_set: set[str],
+                extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    wanted = [f"{layer}{suffix}" for suffix in extra if f"{layer}{suffix}" in key_set]
+    return tuple(sorted({*by_layer.get(layer, ()), *wanted}))
 
 
 def group_size(config: Mapping, layer: str) -> int:
@@ -93,6 +106,7 @@ def find_quantized_layers(keys: Iterable[str], read: Callable[[str], torch.Tenso
     """
     keys = list(keys)
     key_set = set(keys)
+    by_layer = _weight_entries(keys)
     found: dict[str, QuantizedLayer] = {}
     for key in keys:
         if key.endswith("." + COMFY_QUANT):
@@ -107,19 +121,18 @@ def find_quantized_layers(keys: Iterable[str], read: Callable[[str], torch.Tenso
                 source = "ours"
             else:
                 source = FOREIGN
-            found[layer] = QuantizedLayer(layer, source, fmt, (key, *_layer_keys(layer, keys, C2Q_SUFFIXES)), config)
+            found[layer] = QuantizedLayer(layer, source, fmt, (key, *_layer_keys(layer, by_layer, key_set, C2Q_SUFFIXES)), config)
         elif BNB_STATE in key:
             layer, quant_type = key.split(BNB_STATE)
             if layer not in found:
-                found[layer] = QuantizedLayer(layer, "bitsandbytes", f"bnb_{quant_type}", _layer_keys(layer, keys))
+                found[layer] = QuantizedLayer(layer, "bitsandbytes", f"bnb_{quant_type}", _layer_keys(layer, by_layer, key_set))
     if dtype is not None:
         for key in keys:
             if key.endswith(".weight") and key[: -len(".weight")] not in found and dtype(key) in FLOAT8_DTYPES:
                 layer = key[: -len(".weight")]
-                group = (*_layer_keys(layer, keys), *(layer + s for s in FLOAT8_SCALES if layer + s in key_set))
-                found[layer] = QuantizedLayer(layer, FLOAT8, str(dtype(key)).removeprefix("torch."), tuple(sorted(set(group))))
+                group = _layer_keys(layer, by_layer, key_set, FLOAT8_SCALES)
+                found[layer] = QuantizedLayer(layer, FLOAT8, str(dtype(key)).removeprefix("torch."), group)
     return found
-
 
 
 # ---- normalising one layer ------------------------------------------------------------------

@@ -155,10 +155,13 @@ class SafetensorsFile:
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor ``name``, read into fresh memory (never a view of a mapping)."""
         info = self.info(name)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        self._read_into(info, memoryview(buffer.numpy()))
-        tensor = buffer.view(info.torch_dtype).reshape(info.shape) if info.nbytes else \
-            torch.empty(info.shape, dtype=info.torch_dtype)
+        if not info.nbytes:
+            tensor = torch.empty(info.shape, dtype=info.torch_dtype)
+        else:
+            # A bytearray, not numpy: torch.frombuffer keeps it alive and shares its memory.
+            buffer = bytearray(info.nbytes)
+            self._read_into(info, memoryview(buffer))
+            tensor = torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
         return tensor.to(device) if torch.device(device).type != "cpu" else tensor
 
     def raw_chunks(self, name: str, chunk: int = COPY_CHUNK_BYTES) -> Iterator[bytes]:

@@ -17,6 +17,7 @@ hold the model in memory. This writer takes one tensor at a time and writes the 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -56,6 +57,17 @@ def _copy_all(src, dst) -> None:
         src.seek(0)
         dst.seek(0, os.SEEK_END)
         shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor without a copy (and without needing numpy).
+
+    Valid while ``tensor`` lives; ``add`` holds it for the duration of the write.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class SafetensorsWriter:
@@ -112,8 +124,7 @@ class SafetensorsWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise SafetensorsError(f"tensor '{name}': dtype {tensor.dtype} cannot be stored in safetensors")
         tensor = tensor.detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self.add_raw(name, DTYPE_NAMES[tensor.dtype], tensor.shape, [memoryview(data)])
+        self.add_raw(name, DTYPE_NAMES[tensor.dtype], tensor.shape, [_bytes_view(tensor)])
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -364,3 +364,36 @@ def test_float8_layers_are_already_quantized_and_carried_over_untouched(tmp_path
     assert normalised.keys() == {k for k in sd if "img_mlp.2" in k}
     assert cli.main(["inspect", str(src)]) == 0
     assert "float8_e4m3fn (comfy_quant, not ours)" in capsys.readouterr().out
+
+
+def test_read_error_mid_way_names_the_tensor_and_leaves_nothing(tmp_path, monkeypatch):
+    src = _flux_file(tmp_path)
+    real, calls = os.preadv, []
+
+    def failing(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) == 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(ConversionError, match=r"in.safetensors: tensor '[^']+': read error \(Input/output error\)"):
+        convert(src, tmp_path / "out.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def test_a_progress_callback_can_cancel(tmp_path):
+    """ComfyUI cancels by raising from the progress callback: that exception, and no output."""
+    src = _flux_file(tmp_path)
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total, key):
+        if done > total // 2:
+            raise Cancelled(key)
+
+    with pytest.raises(Cancelled):
+        convert_checkpoint(src, tmp_path / "out.safetensors", ConvertOptions(format=TOY), progress=progress,
+                           show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]

@@ -45,7 +45,6 @@ print(json.dumps({{"baseline_mb": baseline, "peak_mb": status("VmHWM"), "quantiz
 """
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the peak resident set")
 def test_peak_memory_of_a_1gb_conversion(tmp_path):
     gen = torch.Generator().manual_seed(0)
@@ -71,3 +70,33 @@ def test_peak_memory_of_a_1gb_conversion(tmp_path):
           f"{stats['seconds']:.1f} s")
     assert grown < LIMIT_MB, f"converting 1 GiB grew the resident set by {grown:.0f} MB (limit {LIMIT_MB})"
     assert dst.stat().st_size < src.stat().st_size
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_ctrl_c_in_a_real_process_leaves_nothing(tmp_path):
+    """SIGINT to a running `comfy-lowbit convert`: exit status 130, the tensor named, no files left."""
+    import signal
+    import time
+
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(2048, 2048, generator=gen) / 45).to(torch.bfloat16)
+    src = tmp_path / "in.safetensors"
+    with SafetensorsWriter(src) as writer:
+        for i in range(48):
+            writer.add(f"blocks.{i}.attn.qkv.weight", weight)
+        writer.commit()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "comfy_lowbit.cli", "convert", str(src), "-o",
+                             str(tmp_path / "out.safetensors"), "--format", "int8_lodewise", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stderr.readline()  # tqdm's first update means tensors are being written
+        if "converting" in line and "/48 tensors" in line:
+            break
+    assert proc.poll() is None, "the conversion ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted while converting tensor 'blocks." in err
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
