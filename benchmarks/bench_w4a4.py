@@ -33,6 +33,7 @@ from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
 import comfy_lowbit  # noqa: F401  (registers W4A4Layout)
 from comfy_lowbit.kernels import w4a4_gemm as gemm_mod
 from comfy_lowbit.kernels.w4a4_quantize import quantize_activations
+from comfy_lowbit.layouts import w4a4 as w4a4_layout
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N): FLUX attn proj, mlp up, mlp down
 BATCHES = [1, 16, 256, 1024, 4096, 16384]
@@ -144,22 +145,16 @@ def main():
                 t_bf16 = median_us(lambda: F.linear(x, w, bias))
                 t_ours = median_us(lambda: F.linear(x, ours, bias))
                 t_ck = guarded(lambda: median_us(lambda: F.linear(x, ck, bias), rep=50)) if ck_ok else float("nan")
+                # The layout's own plan, in parts: quantize, (unpack), GEMM.
                 p = ours._params
-                codes, ascales, lora = quantize_activations(x, p.smooth_factor, p.proj_down)
-                t_q = median_us(lambda: quantize_activations(x, p.smooth_factor, p.proj_down))
-                t_g = median_us(lambda: gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias, x.dtype))
-                t_f8 = float("nan")
-                if fp8_ok:  # the whole pipeline with e4m3 codes and the fp8 MMA
-                    def fp8_pipeline():
-                        q = quantize_activations(x, p.smooth_factor, p.proj_down, codes_dtype=torch.float8_e4m3fn)
-                        return gemm_mod.w4a4_gemm(q[0], q[1], ours._qdata, p.scale, q[2], p.proj_up, bias, x.dtype, dot="fp8")
-
-                    def checked_fp8():
-                        e = rel(fp8_pipeline(), F.linear(x, ours, bias).double())
-                        if e > 1e-2:
-                            raise AssertionError(f"fp8 pipeline differs from the int8 one by {e:.2e}")
-                        return median_us(fp8_pipeline)
-                    t_f8 = guarded(checked_fp8)
+                dot = w4a4_layout._dot_kind(x.device)
+                cdt = torch.float8_e4m3fn if dot == "fp8" else torch.int8
+                codes, ascales, lora = quantize_activations(x, p.smooth_factor, p.proj_down, codes_dtype=cdt)
+                t_q = median_us(lambda: quantize_activations(x, p.smooth_factor, p.proj_down, codes_dtype=cdt))
+                w8 = gemm_mod.unpack_weight(ours._qdata, cdt) if m >= w4a4_layout.UNPACK_MIN_ROWS else None
+                t_u = median_us(lambda: gemm_mod.unpack_weight(ours._qdata, cdt)) if w8 is not None else 0.0
+                t_g = median_us(lambda: gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias,
+                                                           x.dtype, dot=dot, unpacked=w8))
                 g_bf16 = g_ours = float("nan")
                 if m <= 16:  # launch overhead dominates here: also time CUDA-graph replays
                     g_bf16 = do_bench_cudagraph(lambda: F.linear(x, w, bias), rep=100, return_mode="median") * 1e3
@@ -168,9 +163,9 @@ def main():
             io_bytes = m * k * 2 + m * n * 2
             floor_ours = max((w_bytes + io_bytes) / bw, flops / int8_peak) * 1e6
             floor_bf16 = max((n * k * 2 + io_bytes) / bw, flops / bf16_peak) * 1e6
-            rows.append((k, n, m, t_bf16, floor_bf16, t_ck, t_ours, t_q, t_g, floor_ours, g_bf16, g_ours, t_f8))
+            rows.append((k, n, m, t_bf16, floor_bf16, t_ck, t_ours, t_q, t_g, floor_ours, g_bf16, g_ours, t_u))
             print(f"K={k:5d} N={n:5d} M={m:5d}  bf16 {t_bf16:8.1f}  ck {t_ck:9.1f}  ours {t_ours:8.1f} "
-                  f"(quant {t_q:6.1f} + gemm {t_g:7.1f}; fp8 pipeline {t_f8:7.1f})  floor {floor_ours:7.1f}  "
+                  f"(quant {t_q:6.1f} + unpack {t_u:5.1f} + gemm {t_g:7.1f})  floor {floor_ours:7.1f}  "
                   f"{t_bf16 / t_ours:5.2f}x bf16  {t_ck / t_ours:6.1f}x ck"
                   + (f"  graphs: bf16 {g_bf16:.1f} ours {g_ours:.1f} ({g_bf16 / g_ours:.2f}x)" if m <= 16 else ""),
                   flush=True)
@@ -190,42 +185,45 @@ def main():
                 one = torch.ones((), device="cuda")
                 t_f8mm = guarded(lambda: median_us(lambda: torch._scaled_mm(a_f8, b_f8.t(), one, one, out_dtype=torch.bfloat16)))
                 print(f"variant M={m_var} K={k} N={n} torch._scaled_mm (cuBLAS fp8, per-tensor): {t_f8mm:8.1f} us  {2 * m_var * n * k / t_f8mm / 1e6:6.0f} TOP/s")
-            for m_var, cfgs, variants in (
-                (4096, gemm_mod._CONFIGS["large"][:3], [(d, f) for d in gemm_mod.DOT_KINDS for f in (False, True)]),
-                (1, gemm_mod._CONFIGS["gemv"], [("int8", False), ("fp8", False)]),
+            for m_var, cfgs, plans in (
+                (4096, gemm_mod._CONFIGS["large"][:3], [(d, True) for d in ("int8", "fp8")]),
+                (1, gemm_mod._CONFIGS["gemv"], [("fp8", False)]),
             ):
                 xv = x[:m_var]
-                cv, av, lv = quantize_activations(xv, p.smooth_factor, p.proj_down)
-                cf8 = quantize_activations(xv, p.smooth_factor, p.proj_down, codes_dtype=torch.float8_e4m3fn)[0] if fp8_ok else None
-                ref_v = gemm_mod.w4a4_gemm(cv, av, ours._qdata, p.scale, lv, p.proj_up, bias, torch.float32)
+                quant = {d: quantize_activations(xv, p.smooth_factor, p.proj_down,
+                                                 codes_dtype=torch.float8_e4m3fn if d == "fp8" else torch.int8)
+                         for d in ("int8", "fp8") if d == "int8" or fp8_ok}
+                ref_v = gemm_mod.w4a4_gemm(*quant["int8"][:2], ours._qdata, p.scale, quant["int8"][2], p.proj_up, bias, torch.float32)
                 for i, cfg in enumerate(cfgs):
                     c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                    extra = [(d, False, True) for d in ("int8", "fp8")] if (m_var == 4096 and i == 0) else []
-                    for dot, defer, *diag in [(d, f) for d, f in variants] + extra:
-                        if dot == "fp8" and not fp8_ok:
+                    runs = [(d, u, False) for d, u in plans if u or i == 0 or m_var == 1]
+                    if m_var == 4096 and i == 0:
+                        runs += [("fp8", True, True)]
+                    for dot, unpack, no_scales in runs:
+                        if dot not in quant:
                             continue
-                        no_scales = bool(diag and diag[0])
-                        a_codes = cf8 if dot == "fp8" else cv
-                        run = lambda: gemm_mod.w4a4_gemm(a_codes, av, ours._qdata, p.scale, lv, p.proj_up, bias,  # noqa: E731
-                                                         x.dtype, config=dict(c), dot=dot, defer=defer, timing_no_scales=no_scales)
+                        cv, av, lv = quant[dot]
+                        w8 = gemm_mod.unpack_weight(ours._qdata, cv.dtype) if unpack else None
+                        run = lambda: gemm_mod.w4a4_gemm(cv, av, ours._qdata, p.scale, lv, p.proj_up, bias,  # noqa: E731
+                                                         x.dtype, config=dict(c), dot=dot, unpacked=w8, timing_no_scales=no_scales)
+                        label = f"variant M={m_var} K={k} N={n} {c} dot={dot} unpacked={unpack}" + (" NO-SCALES diagnostic" if no_scales else "")
                         try:
                             err = rel(run(), ref_v.double())
                             t = median_us(run)
-                            print(f"variant M={m_var} K={k} N={n} {c} dot={dot} defer={defer}"
-                                  + (" NO-SCALES diagnostic" if no_scales else "")
-                                  + f": {t:8.1f} us  {2 * m_var * n * k / t / 1e6:6.0f} TOP/s  err vs int8 path {err:.1e}", flush=True)
+                            print(f"{label}: {t:8.1f} us  {2 * m_var * n * k / t / 1e6:6.0f} TOP/s  err vs int8 fused {err:.1e}", flush=True)
                         except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
-                            print(f"variant M={m_var} {c} dot={dot} defer={defer}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                            print(f"{label}: failed ({type(exc).__name__}: {str(exc)[:160]})")
 
     print("\n## Accuracy (relative error vs float64, outlier-channel activations, M=256)")
     for line in acc_lines:
         print(line)
     print("\n## Summary (us; ratios >1 mean ours is faster)")
-    print("| K | N | M | bf16 | ck W4A4 | ours | ours quant+gemm | ours fp8 pipeline | floor ours | vs bf16 | vs ck | TOP/s ours |")
+    print("| K | N | M | bf16 | ck W4A4 | ours | ours quant+unpack+gemm | floor ours | vs bf16 | vs ck | graphs bf16/ours | TOP/s ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for k, n, m, tb, fb, tc, to, tq, tg, fo, gb, go, tf8 in rows:
-        print(f"| {k} | {n} | {m} | {tb:.1f} | {tc:.1f} | {to:.1f} | {tq:.1f}+{tg:.1f} | {tf8:.1f} | {fo:.1f} | "
-              f"{tb / to:.2f}x | {tc / to:.1f}x | {2 * m * n * k / to / 1e6:.0f} |")
+    for k, n, m, tb, fb, tc, to, tq, tg, fo, gb, go, tu in rows:
+        print(f"| {k} | {n} | {m} | {tb:.1f} | {tc:.1f} | {to:.1f} | {tq:.1f}+{tu:.1f}+{tg:.1f} | {fo:.1f} | "
+              f"{tb / to:.2f}x | {tc / to:.1f}x | " + (f"{gb:.1f}/{go:.1f} ({gb / go:.2f}x)" if m <= 16 else "-")
+              + f" | {2 * m * n * k / to / 1e6:.0f} |")
     return 0
 
 

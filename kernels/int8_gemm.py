@@ -15,10 +15,12 @@ W8A8:  ``out[m, n] = sum_b  a_scale[m, b] * w_scale[n, b] * P_b[m, n] (+ bias[n]
 in int32, which is turned into fp32 *exactly* and scaled in fp32 before joining the fp32
 accumulator. The only roundings are the fp32 ones of that scaled sum and the final cast.
 
-Int32 -> fp32 of P_b: with ``EXACT_CVT`` the kernel uses ``bitcast(P + 0x4B400000) -
-12582912.0`` (an integer add and a float subtract, exact for |P| < 2^22) instead of a
-conversion instruction, which runs at a fraction of the FMA rate on sm_90; both are exact,
-the benchmark times both.
+Int32 -> fp32 of P_b is exact either way: the conversion instruction (default), or with
+``EXACT_CVT`` ``bitcast(P + 0x4B400000) - 12582912.0`` (an integer add and a float
+subtract, exact for |P| < 2^22). On the H100 the instruction measured 2-4% faster.
+
+The weight scale may be strided: the layout keeps it column-major (contiguous along N), so
+the BLOCK_N scales of one K block are one contiguous load.
 
 W8A16: ``out[m, n] = sum_b w_scale[n, b] * sum_{k in b} x[m, k] * w_q[n, k]`` with int8
 codes turned into x's dtype inside the main loop (exact: |q| <= 127), a bf16/fp16 dot with
@@ -85,8 +87,8 @@ def w8a16_reference(
 
 
 @triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped program order (GROUP_M row tiles share each weight column tile in L2)."""
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each weight column tile in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -95,9 +97,7 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -114,11 +114,13 @@ def _epilogue(acc, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS:
 def _w8a8_kernel(
     a_ptr, a_scale_t_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
-    stride_am, stride_wn, stride_wsn, stride_om,
+    stride_am, stride_wn, stride_wsn, stride_wsk, stride_om,
     HAS_BIAS: tl.constexpr, EXACT_CVT: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/columns read a valid row instead (results masked at the store), so
     # the main-loop loads need no masks.
     am = offs_m % M
@@ -126,14 +128,14 @@ def _w8a8_kernel(
     offs_k = tl.arange(0, QBLOCK)
     a_ptrs = a_ptr + am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    sa_ptrs = a_scale_t_ptr + am
+    sw_ptrs = w_scale_ptr + wn * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // QBLOCK):
-        a = tl.load(a_ptrs)
-        w = tl.load(w_ptrs)
-        part = tl.dot(a, w, out_dtype=tl.int32)
-        sa = tl.load(a_scale_t_ptr + kb * M + am)
-        sw = tl.load(w_scale_ptr + wn * stride_wsn + kb)
-        if EXACT_CVT:
+        part = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), out_dtype=tl.int32)
+        sa = tl.load(sa_ptrs + kb * M)
+        sw = tl.load(sw_ptrs + kb * stride_wsk)
+        if EXACT_CVT:  # integer add + float subtract instead of a conversion instruction
             part_f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         else:
             part_f = part.to(tl.float32)
@@ -144,26 +146,50 @@ def _w8a8_kernel(
 
 
 @triton.jit
+def int8_to_float(q, dtype: tl.constexpr):
+    """Exact int8 -> ``dtype`` with integer adds and one float subtract (no conversion unit).
+
+    fp32: ``bitcast(q + 0x4B400000) - 1.5 * 2^23``; fp16: ``bitcast(q + 0x6480) - 1152``;
+    bf16: the fp32 value's upper half (|q| <= 127 has at most 7 significant bits, so
+    dropping the low 16 bits is exact).
+    """
+    if dtype == tl.float16:
+        out = (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        f = (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        if dtype == tl.bfloat16:
+            out = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = f
+    return out  # one return: Triton 3.6 rejects returns of different types in constexpr branches
+
+
+@triton.jit
 def _w8a16_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
-    stride_xm, stride_wn, stride_wsn, stride_om,
-    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr,
+    stride_xm, stride_wn, stride_wsn, stride_wsk, stride_om,
+    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     xm = offs_m % M
     wn = offs_n % N
     offs_k = tl.arange(0, QBLOCK)
     x_ptrs = x_ptr + xm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    sw_ptrs = w_scale_ptr + wn * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // QBLOCK):
         x = tl.load(x_ptrs)
-        w = tl.load(w_ptrs).to(x.dtype)  # int8 codes are exact in bf16/fp16
-        part = tl.dot(x, w, out_dtype=tl.float32)
-        sw = tl.load(w_scale_ptr + wn * stride_wsn + kb)
-        acc += part * sw[None, :]
+        w = tl.load(w_ptrs)
+        if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (Triton 3.9): same math in fp32
+            part = tl.dot(x.to(tl.float32), int8_to_float(w, tl.float32), out_dtype=tl.float32)
+        else:
+            part = tl.dot(x, int8_to_float(w, x.dtype), out_dtype=tl.float32)
+        acc += part * tl.load(sw_ptrs + kb * stride_wsk)[None, :]
         x_ptrs += QBLOCK
         w_ptrs += QBLOCK
     _epilogue(acc, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
@@ -172,17 +198,21 @@ def _w8a16_kernel(
 # ----------------------------------------------------------------------------- tuning
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is the quantization block. The W8A8
-# tile holds an int32 and an fp32 accumulator, so 128x128 per warpgroup is the register
-# ceiling; larger tiles need 8 warps.
-W8A8_TILES = [(128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4), (64, 256, 8, 4)]
-W8A16_TILES = [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (16, 256, 4, 3)]
+# tile holds an int32 partial and an fp32 accumulator: 64x128 per warpgroup capped at 168
+# registers (optional 5th entry: maxnreg) lets three programs share an SM, so one's MMAs run
+# while another rescales (measured 612-658 TOP/s vs 544-594 uncapped with two per SM, and
+# 504-528 for 128x128 with 8 warps at 255 registers, one per SM; benchmarks/NOTES.md).
+W8A8_TILES = [(64, 128, 4, 3, 168), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
+# Small M is bound by the weight read: narrow N tiles keep enough programs for 132 SMs.
+W8A16_TILES = [(16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (16, 128, 4, 4)]
 SMEM_LIMIT = 220 * 1024
 
 
-def _configs(tiles, a_bytes):
+def _configs(tiles):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in tiles
+        triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1], "GROUP_M": 8}, num_warps=t[2], num_stages=t[3],
+                      maxnreg=t[4] if len(t) > 4 else None)
+        for t in tiles
     ]
 
 
@@ -201,17 +231,35 @@ if INTERPRETING:
     _w8a16_tuned = _w8a16_kernel
 else:
     _w8a8_tuned = triton.autotune(
-        _configs(W8A8_TILES, 1), key=["M_BUCKET", "N", "K", "QBLOCK"],
+        _configs(W8A8_TILES), key=["M_BUCKET", "N", "K", "QBLOCK"],
         prune_configs_by={"early_config_prune": _fits_smem(1)},
     )(_w8a8_kernel)
     _w8a16_tuned = triton.autotune(
-        _configs(W8A16_TILES, 2), key=["M_BUCKET", "N", "K", "QBLOCK"],
+        _configs(W8A16_TILES), key=["M_BUCKET", "N", "K", "QBLOCK"],
         prune_configs_by={"early_config_prune": _fits_smem(2)},
     )(_w8a16_kernel)
 
-# A fixed small tile for the interpreter and for tests that must not autotune.
+# A fixed small tile for the interpreter and for tests that pin a configuration.
 PLAIN_W8A8 = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 PLAIN_W8A16 = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}
+
+
+def autotuning() -> bool:
+    """Autotune on the GPU unless ``COMFY_LOWBIT_AUTOTUNE=0`` (GPU test runs: one compile per
+    specialization instead of one per candidate tile); never under the interpreter."""
+    return not INTERPRETING and os.environ.get("COMFY_LOWBIT_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(plain: dict, tiles: list) -> dict:
+    """The configuration used when not autotuning: the plain tile under the interpreter, the
+    first candidate tile on the GPU."""
+    if INTERPRETING:
+        return plain
+    bm, bn, warps, stages = tiles[0][:4]
+    config = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    if len(tiles[0]) > 4:
+        config["maxnreg"] = tiles[0][4]
+    return config
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -236,11 +284,11 @@ def _output(m: int, n: int, out_dtype: torch.dtype, device) -> torch.Tensor:
 
 def _launch(tuned, plain, default_config, grid_args, kwargs, config):
     m, n = grid_args
-    if config is None and not INTERPRETING:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    if config is None and autotuning():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         return grid, tuned, kwargs
     meta = dict(default_config if config is None else config)
-    extra = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    extra = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     return grid, plain, {**kwargs, **meta, **extra}
 
@@ -248,7 +296,7 @@ def _launch(tuned, plain, default_config, grid_args, kwargs, config):
 def w8a8_matmul(
     a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
-    exact_cvt: bool = True, config: dict | None = None,
+    exact_cvt: bool = False, config: dict | None = None,
 ) -> torch.Tensor:
     """``(a_q * a_scale) @ (w_q * w_scale).T + bias`` with int8 tensor cores (see module doc).
 
@@ -264,10 +312,10 @@ def w8a8_matmul(
     if m == 0:
         return out
     kwargs = dict(HAS_BIAS=bias is not None, EXACT_CVT=exact_cvt, QBLOCK=block_size)
-    grid, kernel, kwargs = _launch(_w8a8_tuned, _w8a8_kernel, PLAIN_W8A8, (m, n), kwargs, config)
+    grid, kernel, kwargs = _launch(_w8a8_tuned, _w8a8_kernel, fixed_config(PLAIN_W8A8, W8A8_TILES), (m, n), kwargs, config)
     kernel[grid](
         a_q, a_scale_t, w_q, w_scale, bias if bias is not None else out, out,
-        m, n, k, m_bucket(m), a_q.stride(0), w_q.stride(0), w_scale.stride(0), out.stride(0), **kwargs,
+        m, n, k, m_bucket(m), a_q.stride(0), w_q.stride(0), *w_scale.stride(), out.stride(0), **kwargs,
     )
     return out
 
@@ -284,10 +332,10 @@ def w8a16_matmul(
     out = _output(m, n, x.dtype, x.device)
     if m == 0:
         return out
-    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size)
-    grid, kernel, kwargs = _launch(_w8a16_tuned, _w8a16_kernel, PLAIN_W8A16, (m, n), kwargs, config)
+    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, DOT_IN_FP32=INTERPRETING)
+    grid, kernel, kwargs = _launch(_w8a16_tuned, _w8a16_kernel, fixed_config(PLAIN_W8A16, W8A16_TILES), (m, n), kwargs, config)
     kernel[grid](
         x, w_q, w_scale, bias if bias is not None else out, out,
-        m, n, k, m_bucket(m), x.stride(0), w_q.stride(0), w_scale.stride(0), out.stride(0), **kwargs,
+        m, n, k, m_bucket(m), x.stride(0), w_q.stride(0), *w_scale.stride(), out.stride(0), **kwargs,
     )
     return out

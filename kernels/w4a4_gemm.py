@@ -24,7 +24,8 @@ most 64 * 8 * 15 in magnitude, so it converts to fp32 exactly; ``dot="int8"`` co
 (an integer add plus a float subtract on 1.5 * 2**23 + D) instead of an I2F instruction, whose
 throughput is a quarter of the FMA pipe's. ``dot="fp8"`` runs the same sums on e4m3 MMA
 (exact for codes -8..15, fp32 results, no conversion), the weight nibbles turned into e4m3
-through fp16 bit patterns. ``defer`` issues group g's MMA before scaling group g-1.
+through fp16 bit patterns. With ``unpacked`` (the weight expanded once per call to 8-bit codes
+by ``unpack_weight``) both operands stream from memory and each group is one K=64 MMA.
 
 The same kernel is the small-M GEMV path: with BLOCK_M >= M the grid spans only N, so the
 packed weight is read exactly once; only the tile shapes differ (see ``_configs``).
@@ -78,28 +79,41 @@ def w4a4_gemm_reference(
 
 
 @triton.jit
-def _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT: tl.constexpr):
-    """D_g as fp32 (BLOCK_M, BLOCK_N): exact integer sums of one 64-wide group."""
-    a_even = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0.0)  # 0.0 casts to int8 and e4m3 alike
-    a_odd = tl.load(a_rows + g * 64 + 32, mask=row_ok[:, None], other=0.0)
-    packed = tl.load(w_cols + g * 32, mask=col_ok[None, :], other=0)
-    if DOT == "fp8":
-        # Nibble -> fp16 by bits: 0x6400 | (v ^ 8) is 1024 + v + 8, exact; then -1032 and a
-        # paired cvt to e4m3, which holds -8..7 exactly. Activation codes arrive as e4m3.
-        lo16 = (((packed & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-        hi16 = ((((packed >> 4) & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-        d = tl.dot(a_even, lo16.to(tl.float8e4nv))
-        return tl.dot(a_odd, hi16.to(tl.float8e4nv), d)
+def _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT: tl.constexpr, UNPACKED: tl.constexpr):
+    """D_g as fp32 (BLOCK_M, BLOCK_N): exact integer sums of one 64-wide group.
+
+    (No early returns: Triton keeps generating code after a return inside a constexpr if.)"""
+    if UNPACKED:
+        # Weight codes already 8-bit in split group order (``unpack_weight``): one K=64 MMA
+        # with both operands streamed from memory, nothing computed in between.
+        a = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0.0)
+        w = tl.load(w_cols + g * 64, mask=col_ok[None, :], other=0.0)
+        if DOT == "fp8":
+            d = tl.dot(a, w)
+        else:
+            d = tl.dot(a, w, out_dtype=tl.int32)
     else:
-        w_lo = (packed << 4) >> 4  # arithmetic shifts on int8 sign-extend each nibble
-        w_hi = packed >> 4
-        d = tl.dot(a_even, w_lo, out_dtype=tl.int32)
-        d = tl.dot(a_odd, w_hi, d, out_dtype=tl.int32)
-        if DOT == "int8":
-            # |d| < 2**22: the bits of 1.5 * 2**23 + d are an exact float; one IADD + one FADD
-            return (d + CVT_MAGIC).to(tl.float32, bitcast=True) - CVT_MAGIC_F
-        else:  # "int8_i2f"
-            return d.to(tl.float32)
+        a_even = tl.load(a_rows + g * 64, mask=row_ok[:, None], other=0.0)  # 0.0 casts to int8 and e4m3 alike
+        a_odd = tl.load(a_rows + g * 64 + 32, mask=row_ok[:, None], other=0.0)
+        packed = tl.load(w_cols + g * 32, mask=col_ok[None, :], other=0)
+        if DOT == "fp8":
+            # Nibble -> fp16 by bits: 0x6400 | (v ^ 8) is 1024 + v + 8, exact; then -1032 and a
+            # paired cvt to e4m3, which holds -8..7 exactly. Activation codes arrive as e4m3.
+            lo16 = (((packed & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+            hi16 = ((((packed >> 4) & 0x0F) ^ 0x08).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+            d = tl.dot(a_even, lo16.to(tl.float8e4nv))
+            d = tl.dot(a_odd, hi16.to(tl.float8e4nv), d)
+        else:
+            w_lo = (packed << 4) >> 4  # arithmetic shifts on int8 sign-extend each nibble
+            w_hi = packed >> 4
+            d = tl.dot(a_even, w_lo, out_dtype=tl.int32)
+            d = tl.dot(a_odd, w_hi, d, out_dtype=tl.int32)
+    if DOT == "int8":
+        # |d| < 2**22: the bits of 1.5 * 2**23 + d are an exact float; one IADD + one FADD
+        f = (d + CVT_MAGIC).to(tl.float32, bitcast=True) - CVT_MAGIC_F
+    else:  # fp8 results are fp32 already; "int8_i2f" converts with I2F
+        f = d.to(tl.float32)
+    return f
 
 
 @triton.jit
@@ -108,8 +122,12 @@ def w4a4_gemm_kernel(
     M, N, K, R, CHUNKS,
     stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DEFER: tl.constexpr, TIMING_NO_SCALES: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UNPACKED: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, PAIRS: tl.constexpr = False, TIMING_NO_SCALES: tl.constexpr = False,
 ):
+    # SPLIT_K > 1 (small M): program (i, s) sums the s-th slice of the groups and adds it into a
+    # zeroed fp32 ``out`` with atomics; slice 0 also adds the low-rank term and the bias.
+    # PAIRS: two groups per iteration (both MMAs issued before either is scaled).
     # Grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -124,60 +142,103 @@ def w4a4_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    half = tl.arange(0, 32)
     num_groups = K // 64
 
-    a_rows = a_ptr + rows[:, None].to(tl.int64) * K + half[None, :]
-    w_cols = w_ptr + cols[None, :].to(tl.int64) * (K // 2) + half[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if DEFER:
-        # Issue group g's MMA before scaling group g-1, so the tensor cores and the FMA pipe
-        # can overlap (the wgmma result is waited for only where it is used).
-        d_prev = _group_product(a_rows, w_cols, 0, row_ok, col_ok, DOT)
-        for g in range(1, num_groups):
-            d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT)
-            a_scale = tl.load(ascales_ptr + (g - 1) * M + rows, mask=row_ok, other=0.0)
-            w_scale = tl.load(wscales_ptr + (g - 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc += d_prev * (a_scale[:, None] * w_scale[None, :])
-            d_prev = d
-        a_scale = tl.load(ascales_ptr + (num_groups - 1) * M + rows, mask=row_ok, other=0.0)
-        w_scale = tl.load(wscales_ptr + (num_groups - 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += d_prev * (a_scale[:, None] * w_scale[None, :])
+    if UNPACKED:
+        k_offs = tl.arange(0, 64)
+        a_rows = a_ptr + rows[:, None].to(tl.int64) * K + k_offs[None, :]
+        w_cols = w_ptr + cols[None, :].to(tl.int64) * K + k_offs[:, None]
     else:
-        for g in range(num_groups):
-            d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT)
-            if TIMING_NO_SCALES:  # benchmark diagnostic only (wrong result): the cost of the scaling
-                acc += d
-            else:
-                a_scale = tl.load(ascales_ptr + g * M + rows, mask=row_ok, other=0.0)
-                w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-                acc += d * (a_scale[:, None] * w_scale[None, :])
+        half = tl.arange(0, 32)
+        a_rows = a_ptr + rows[:, None].to(tl.int64) * K + half[None, :]
+        w_cols = w_ptr + cols[None, :].to(tl.int64) * (K // 2) + half[:, None]
+    split = tl.program_id(1)
+    per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_first = split * per_split
+    g_last = tl.minimum(g_first + per_split, num_groups)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_first, g_last, 2 if PAIRS else 1):
+        d = _group_product(a_rows, w_cols, g, row_ok, col_ok, DOT, UNPACKED)
+        if PAIRS:  # the launcher guarantees an even number of groups
+            d_next = _group_product(a_rows, w_cols, g + 1, row_ok, col_ok, DOT, UNPACKED)
+        if TIMING_NO_SCALES:  # benchmark diagnostic only (wrong result): the cost of the scaling
+            acc += d
+            if PAIRS:
+                acc += d_next
+        else:
+            a_scale = tl.load(ascales_ptr + g * M + rows, mask=row_ok, other=0.0)
+            w_scale = tl.load(wscales_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += d * (a_scale[:, None] * w_scale[None, :])
+            if PAIRS:
+                a_scale = tl.load(ascales_ptr + (g + 1) * M + rows, mask=row_ok, other=0.0)
+                w_scale = tl.load(wscales_ptr + (g + 1) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                acc += d_next * (a_scale[:, None] * w_scale[None, :])
 
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     lora_tile = lora_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :]
     lora_ok = row_ok[:, None] & rank_ok[None, :]
+    once = (split == 0).to(tl.float32)  # the low-rank term and bias belong to one K slice only
     lora = tl.load(lora_tile, mask=lora_ok, other=0.0)
     for c in range(1, CHUNKS):
         lora += tl.load(lora_tile + c * M * R, mask=lora_ok, other=0.0)
     up = tl.load(up_ptr + cols[None, :].to(tl.int64) * R + ranks[:, None],
                  mask=col_ok[None, :] & rank_ok[:, None], other=0.0).to(tl.float32)
-    acc = tl.dot(lora, up, acc)
+    acc = tl.dot(lora * once, up, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * once
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if SPLIT_K > 1:
+        tl.atomic_add(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _config(bm, bn, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+@triton.jit
+def w4a4_unpack_weight_kernel(w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr):
+    """(N, K/2) packed nibbles -> (N, K) 8-bit codes (int8 or e4m3) in split group order."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    half = tl.arange(0, 32)
+    ok = rows[:, None] < N
+    packed = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + g * 32 + half[None, :], mask=ok, other=0)
+    dst = out_ptr + rows[:, None].to(tl.int64) * K + g * 64 + half[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(dst, ((packed << 4) >> 4).to(tl.float32).to(ty), mask=ok)
+    tl.store(dst + 32, (packed >> 4).to(tl.float32).to(ty), mask=ok)
+
+
+def unpack_weight(qweight: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Packed (N, K/2) -> (N, K) ``dtype`` codes in split group order, for ``w4a4_gemm(unpacked=...)``.
+
+    At large M the fused GEMM's in-register unpack (every row tile again, then through shared
+    memory to the tensor cores) costs more than writing the 8-bit weight once (2 bytes per
+    weight of traffic, ~19 us for 3072 x 12288 on an H100) and streaming it like the activation."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    w4a4_unpack_weight_kernel[(triton.cdiv(n, 64), k // GROUP)](qweight.contiguous(), out, n, k, BLOCK_N=64)
+    return out
+
+
+def unpack_weight_reference(qweight: torch.Tensor) -> torch.Tensor:
+    from .w4a4_quantize import split_group_order
+
+    return split_group_order(unpack_int4(qweight))
+
+
+def _config(bm, bn, warps, stages, group_m=8, split_k=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "SPLIT_K": split_k},
+                         num_warps=warps, num_stages=stages)
 
 
 # Tile shapes as data, by M bucket. Small M: one row tile (weight read once), narrow N tiles
 # so N/BLOCK_N programs fill the 132 SMs. Large M: wide tiles so each unpacked weight tile
 # serves many rows.
 _CONFIGS = {
-    "gemv": [_config(16, 32, 4, 4), _config(16, 64, 4, 4), _config(16, 128, 4, 3)],
+    # GEMV: one 48-group K loop per program was latency-bound (v2: 38 us where the weight read
+    # takes 7 us); split K so ~1000+ programs each walk a few groups, adding up with atomics.
+    "gemv": [_config(16, 64, 4, 3, split_k=8), _config(16, 64, 4, 3, split_k=16), _config(16, 128, 4, 3, split_k=8),
+             _config(16, 32, 4, 3, split_k=8), _config(16, 128, 4, 3, split_k=16)],
     "mid": [_config(64, 64, 4, 4), _config(64, 128, 4, 4), _config(128, 128, 8, 3)],
     # 128x256 and 256x128 spill on sm_90 (an fp32 accumulator plus the group's partial sum
     # exceed 255 registers per thread), so the large tiles stop at 128x128 with 8 warps.
@@ -199,15 +260,17 @@ _TUNED: dict[str, object] = {}
 def _launcher(bucket: str):
     """The autotuned kernel for one M bucket (built lazily: autotune fails under the interpreter)."""
     if bucket not in _TUNED:
-        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS", "DOT", "DEFER"])(w4a4_gemm_kernel)
+        # Split-K configs add into ``out``: zero it before each autotuning trial.
+        _TUNED[bucket] = triton.autotune(_CONFIGS[bucket], key=["N", "K", "R", "HAS_BIAS", "DOT", "UNPACKED", "PAIRS"],
+                                         reset_to_zero=["out_ptr"] if bucket == "gemv" else None)(w4a4_gemm_kernel)
     return _TUNED[bucket]
 
 
 def w4a4_gemm(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-    *, dot: str = "int8", defer: bool = False, config: dict | None = None, out: torch.Tensor | None = None,
-    timing_no_scales: bool = False,
+    *, dot: str = "int8", unpacked: torch.Tensor | None = None, config: dict | None = None,
+    out: torch.Tensor | None = None, timing_no_scales: bool = False,
 ) -> torch.Tensor:
     """Triton launcher on split-order codes; shapes as in the module header. ``config`` pins
     BLOCK_M/BLOCK_N/GROUP_M/num_warps/num_stages (tests, benchmark variants); ``out`` is an
@@ -223,26 +286,35 @@ def w4a4_gemm(
     for name, shape in expected.items():
         if tuple(got[name]) != shape:
             raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
-    args = (
-        codes, ascales, qweight.contiguous(), wscales.contiguous(), lora, proj_up.contiguous(),
-        bias if bias is not None else out, out, m, n, k, r, chunks, out.stride(0),
-    )
     if dot not in DOT_KINDS:
         raise ValueError(f"W4A4 GEMM: dot must be one of {DOT_KINDS}, got {dot!r}")
     want = torch.float8_e4m3fn if dot == "fp8" else torch.int8
     if codes.dtype != want:
         raise ValueError(f"W4A4 GEMM: dot={dot!r} needs {want} activation codes, got {codes.dtype}")
-    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, DOT=dot, DEFER=defer)
+    if unpacked is not None and (unpacked.dtype != want or tuple(unpacked.shape) != (n, k)):
+        raise ValueError(f"W4A4 GEMM: unpacked weight must be ({n}, {k}) {want}, got {tuple(unpacked.shape)} {unpacked.dtype}")
+    tuned = config is None and not _interpreting()
+    c = None if tuned else dict(config or {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "GROUP_M": 4})
+    split_k = (_bucket(m) == "gemv") if tuned else c.get("SPLIT_K", 1) > 1
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    # Split-K programs add fp32 partial sums into a zeroed buffer, cast once at the end.
+    target = torch.zeros(m, n, dtype=torch.float32, device=codes.device) if split_k else out
+    args = (
+        codes, ascales, qweight.contiguous() if unpacked is None else unpacked, wscales.contiguous(), lora, proj_up.contiguous(),
+        bias if bias is not None else target, target, m, n, k, r, chunks, target.stride(0),
+    )
+    meta = dict(BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_BIAS=bias is not None, DOT=dot, UNPACKED=unpacked is not None,
+                PAIRS=unpacked is not None and not split_k and (k // GROUP) % 2 == 0)
     if timing_no_scales:
         meta["TIMING_NO_SCALES"] = True
-    if config is None and not _interpreting():
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+    if tuned:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
         _launcher(_bucket(m))[grid](*args, **meta)
-        return out
-    c = dict(config or {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "GROUP_M": 4})
-    warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
-    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-    w4a4_gemm_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
+    else:
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c.get("SPLIT_K", 1))
+        w4a4_gemm_kernel[grid](*args, **meta, **c, num_warps=warps, num_stages=stages)
+    if split_k:
+        out.copy_(target)
     return out

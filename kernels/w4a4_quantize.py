@@ -135,8 +135,9 @@ def w4a4_quantize_kernel(
     tl.store(lora_out, lora, mask=row_ok & rank_ok[None, :])
 
 
-# Programs to aim for: enough to fill 132 SMs about twice. Small M splits K into chunks.
-_TARGET_PROGRAMS = 256
+# Programs to aim for: several per SM (132 on an H100), so that enough loads are in flight;
+# v1 used 256 and ran at a third of the copy bandwidth at M=4096 (see benchmarks/NOTES.md).
+_TARGET_PROGRAMS = 1024
 
 
 def quantize_activations(

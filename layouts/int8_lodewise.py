@@ -4,8 +4,9 @@ Storage of a linear weight W (N, K), block size B in {64, 128, 256} (default 128
 -------------------------------------------------------------------------------------------
 * ``<layer>.weight``       int8 (N, K), row-major; ``q = round_half_away(W / scale)`` clamped
   to [-127, 127] (symmetric: -128 is never written);
-* ``<layer>.weight_scale`` float32 (N, K // B); ``scale[n, b] = max |W[n, bB:(b+1)B]| / 127``
-  (0 for an all-zero block); files with bf16/fp16 scales are read too;
+* ``<layer>.weight_scale`` float32 (N, K // B), row-major; ``scale[n, b] = max |W[n, bB:(b+1)B]| / 127``
+  (0 for an all-zero block); files with bf16/fp16 scales are read too. In memory the
+  layout keeps it column-major (``column_major``), which is what the kernels read;
 * ``<layer>.comfy_quant``  JSON ``{"format": "int8_lodewise", "block_size": B, "orig_dtype": "bfloat16"}``. Files from
   earlier tools may give the block as ``"group_size"`` at the root or under ``"params"``.
 
@@ -18,7 +19,7 @@ Forward ``x @ W.T + bias``
   each block's exact int32 partial by ``a_scale[m, b] * w_scale[n, b]`` in fp32
   (``kernels/int8_gemm.py``). This differs from dequantize + ``F.linear`` by the activation
   quantization error (the point of W8A8: half the bytes, twice the tensor-core rate).
-* CUDA, M <= 4: weight-only GEMV; 4 < M <= ``W8A16_MAX_M`` (bf16/fp16): weight-only W8A16 with
+* CUDA, M == 1: weight-only GEMV; 1 < M <= ``W8A16_MAX_M`` (bf16/fp16): weight-only W8A16 with
   the codes turned into x's dtype in the main loop. Small M is bound by the weight read,
   where quantizing x costs a launch and buys nothing.
 * Elsewhere (CPU, other dtypes): the reference, dequantize + ``F.linear``.
@@ -34,7 +35,7 @@ import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
 from ..kernels.int8_gemm import w8a8_matmul, w8a16_matmul
-from ..kernels.int8_gemv import GEMV_MAX_ROWS, w8a16_gemv
+from ..kernels.int8_gemv import w8a16_gemv
 from ..kernels.int8_quant import BLOCK_SIZES, dequantize_blockwise_reference, quantize_blockwise_reference, quantize_rows
 from .base import LowBitLayout, format_error, reference_linear
 
@@ -88,7 +89,7 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         if stochastic_rounding and int(stochastic_rounding) > 0:
             generator = torch.Generator(device=tensor.device).manual_seed(int(stochastic_rounding))
         q, w_scale = quantize_blockwise_reference(tensor, block_size, generator=generator)
-        params = cls.Params(scale=w_scale, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape), block_size=block_size)
+        params = cls.Params(scale=column_major(w_scale), orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape), block_size=block_size)
         return q, params
 
     @classmethod
@@ -103,7 +104,7 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
 
     @classmethod
     def state_dict_tensors(cls, qdata: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
-        return {"": qdata, "_scale": params.scale}
+        return {"": qdata, "_scale": params.scale.contiguous()}  # row-major (N, K // B) on disk
 
     @classmethod
     def comfy_quant_config(cls, params: Params) -> dict[str, Any]:
@@ -132,7 +133,7 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
             )
         if scale.dtype not in SCALE_DTYPES:
             raise format_error(layer, f"{layer}.weight_scale must be float32/bfloat16/float16, got {scale.dtype}")
-        scale = scale.float()
+        scale = column_major(scale.float())
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise format_error(layer, f"{layer}.weight_scale holds negative, NaN or Inf values")
         orig_dtype = _dtype_from_config(layer, config)
@@ -156,7 +157,7 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         if bias is not None:
             bias = bias.to(device=x.device)
         w_q, w_scale, block = weight._qdata, params.scale, params.block_size
-        if 0 < m <= GEMV_MAX_ROWS:
+        if m == 1:
             out = w8a16_gemv(x2, w_q, w_scale, block, bias)
         elif m <= W8A16_MAX_M and x.dtype != torch.float32:
             out = w8a16_matmul(x2, w_q, w_scale, block, bias)
@@ -167,6 +168,15 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
 
 
 # ---------------------------------------------------------------------- checks
+
+
+def column_major(scale: torch.Tensor) -> torch.Tensor:
+    """The (N, K // B) scale with K blocks outermost in memory (strides (1, N)).
+
+    Same values and shape; the kernels then read the BLOCK_N scales of one K block as one
+    contiguous vector instead of BLOCK_N scattered words.
+    """
+    return scale.t().contiguous().t()
 
 
 def check_quantizable(tensor: torch.Tensor, block_size: int, layer: str | None = None) -> None:

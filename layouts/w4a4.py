@@ -31,6 +31,7 @@ ratio that minimises the group's squared error.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
-from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, w4a4_gemm, w4a4_gemm_reference
+from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
 from .base import LowBitLayout, format_error
 
@@ -50,6 +51,15 @@ _IGNORED_COMFY_KWARGS = ("scale", "stochastic_rounding", "inplace_ops")
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 _FULL_SVD_MAX_DIM = 2048
 _SUFFIXES = ("", "_scale", "_proj_down", "_proj_up", "_smooth_factor")
+# From this many input rows on, expand the weight to 8-bit codes once per call and run the
+# streaming GEMM (benchmarks/NOTES.md, W4A4: the fused in-register unpack loses there).
+UNPACK_MIN_ROWS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_kind(device: torch.device) -> str:
+    """e4m3 MMA where the GPU has it (sm_89+; measured faster on the H100), int8 MMA elsewhere."""
+    return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8"
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,8 +254,11 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned)
-            out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype)
+            dot = _dot_kind(x.device)
+            code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
+            codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
+            unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
+            out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot, unpacked=unpacked)
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)

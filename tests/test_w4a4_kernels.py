@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_lowbit.kernels.w4a4_gemm import pack_int4, unpack_int4, w4a4_gemm, w4a4_gemm_reference
+from comfy_lowbit.kernels.w4a4_gemm import (
+    pack_int4,
+    unpack_int4,
+    unpack_weight,
+    unpack_weight_reference,
+    w4a4_gemm,
+    w4a4_gemm_reference,
+)
 from comfy_lowbit.kernels.w4a4_quantize import (
     natural_group_order,
     quantize_activations,
@@ -100,13 +107,27 @@ DOTS = ["int8", "int8_i2f"] + (["fp8"] if ON_GPU and torch.cuda.get_device_capab
 
 
 @pytest.mark.parametrize("dot", DOTS)
-@pytest.mark.parametrize("defer", [False, True])
-def test_gemm_variants_agree(dot, defer):
-    codes, ascales, qweight, wscales, lora, up, bias = _gemm_inputs(9, 48, 192, 8, torch.float32, seed=7)
-    a = split_group_order(codes).to(torch.float8_e4m3fn if dot == "fp8" else torch.int8)
-    out = w4a4_gemm(a, ascales, qweight, wscales, lora, up, bias, torch.float32, dot=dot, defer=defer)
+@pytest.mark.parametrize("unpacked", [False, True])
+@pytest.mark.parametrize("k", [192, 256])  # 4 groups: two per iteration when unpacked
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemm_variants_agree(dot, unpacked, k, split_k):
+    codes, ascales, qweight, wscales, lora, up, bias = _gemm_inputs(9, 48, k, 8, torch.float32, seed=7)
+    code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
+    a = split_group_order(codes).to(code_dtype)
+    w8 = unpack_weight(qweight, code_dtype) if unpacked else None
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4, "SPLIT_K": split_k}
+    poison = torch.full((9, 48), float("nan"), device=KERNEL_DEVICE)
+    out = w4a4_gemm(a, ascales, qweight, wscales, lora, up, bias, torch.float32, dot=dot, unpacked=w8, config=config, out=poison)
     ref = w4a4_gemm_reference(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
     assert relative_error(out, ref) < (2e-3 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(1, 64), (70, 192)])
+@pytest.mark.parametrize("dtype", [torch.int8] + ([torch.float8_e4m3fn] if "fp8" in DOTS else []))
+def test_unpack_weight_matches_reference(n, k, dtype):
+    qweight = torch.randint(-128, 128, (n, k // 2), dtype=torch.int8).to(KERNEL_DEVICE)
+    got = unpack_weight(qweight, dtype)
+    assert got.dtype == dtype and torch.equal(got.float(), unpack_weight_reference(qweight).float())
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
@@ -151,15 +172,16 @@ def test_autotuned_gemm_on_gpu(m):
 
 @pytest.mark.skipif(not ON_GPU, reason="the layout takes the kernel path only on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_layout_linear_on_gpu_matches_reference(dtype):
+@pytest.mark.parametrize("batch", [2, 9])  # 74 rows: fused GEMM; 333 rows: weight unpacked first
+def test_layout_linear_on_gpu_matches_reference(dtype, batch):
     from comfy_kitchen.tensor import QuantizedTensor
     from comfy_lowbit.layouts.w4a4 import w4a4_linear_reference
 
     w = (outlier_matrix(320, 768, seed=3, scale=4.0) / 768**0.5).to(dtype).cuda()
     qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=32)
-    x = _activation(2 * 37, 768, seed=4, dtype=dtype).reshape(2, 37, 768)
+    x = _activation(batch * 37, 768, seed=4, dtype=dtype).reshape(batch, 37, 768)
     bias = torch.randn(320, device="cuda").to(dtype)
     with torch.inference_mode():
         out = torch.nn.functional.linear(x, qt, bias)
-    ref = w4a4_linear_reference(x.reshape(-1, 768), qt, bias).float().reshape(2, 37, 320)
-    assert out.shape == (2, 37, 320) and out.dtype == dtype and relative_error(out, ref) < 1e-2
+    ref = w4a4_linear_reference(x.reshape(-1, 768), qt, bias).float().reshape(batch, 37, 320)
+    assert out.shape == (batch, 37, 320) and out.dtype == dtype and relative_error(out, ref) < 1e-2
