@@ -17,7 +17,8 @@ accumulator. The only roundings are the fp32 ones of that scaled sum and the fin
 
 Int32 -> fp32 of P_b is exact either way: the conversion instruction (default), or with
 ``EXACT_CVT`` ``bitcast(P + 0x4B400000) - 12582912.0`` (an integer add and a float
-subtract, exact for |P| < 2^22). On the H100 the instruction measured 2-4% faster.
+subtract, exact for |P| < 2^22). On the H100 neither was consistently faster (within
++-3% across the FLUX shapes), so the default is the plain instruction.
 
 The weight scale may be strided: the layout keeps it column-major (contiguous along N), so
 the BLOCK_N scales of one K block are one contiguous load.
@@ -217,6 +218,9 @@ def _configs(tiles):
 
 
 def _fits_smem(a_bytes):
+    """Autotune pruner: drop tiles whose pipelined A and B stages exceed shared memory (the
+    quantization block is BLOCK_K, so B=256 rules out the deeper 128-row pipelines)."""
+
     def prune(configs, named_args, **kwargs):
         qb = named_args.get("QBLOCK", kwargs.get("QBLOCK", 128))
         kept = [c for c in configs
