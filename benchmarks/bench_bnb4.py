@@ -46,7 +46,38 @@ def say(line: str = "") -> None:
 
 
 def median_us(fn) -> float:
+    """Eager time per call: do_bench median (L2 flushed before each call). Includes the host's
+    launch overhead whenever that exceeds the flush kernel's ~85 us."""
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def graph_us(fns: list, replays: int = 15) -> float:
+    """GPU time per call: the calls over all weight copies captured once in a CUDA graph,
+    replayed; median replay time / number of calls. The copies together exceed 2x L2, so
+    each call reads its weight from DRAM; host launch overhead is not in the number."""
+    for fn in fns:  # compile / autotune / allocate outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for fn in fns:
+                fn()
+    except Exception as exc:  # a peer that cannot be captured: time it eagerly, and say so
+        say(f"  (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; eager timing)")
+        torch.cuda.synchronize()
+        return median_us(rotating(fns))
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return sorted(times)[len(times) // 2]
 
 
 def rotating(fns: list):
@@ -102,14 +133,16 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         y_bnb = bnb.matmul_4bit(x, packed.t(), quant_state=state)
         y_ours = bnb4_linear(x, ours_w)
         err = ((y_ours.float() - y_bnb.float()).norm() / y_bnb.float().norm()).item()
-        t_bf16 = median_us(rotating([lambda wc=wc: F.linear(x, wc) for wc in bf16_copies]))
-        t_bnb = median_us(rotating([lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s, _ in nf4_copies]))
-        t_ours = median_us(rotating([lambda o=o: bnb4_linear(x, o) for _, _, o in nf4_copies]))
+        bf16_fns = [lambda wc=wc: F.linear(x, wc) for wc in bf16_copies]
+        bnb_fns = [lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s, _ in nf4_copies]
+        ours_fns = [lambda o=o: bnb4_linear(x, o) for _, _, o in nf4_copies]
+        t_bf16, t_bnb, t_ours = graph_us(bf16_fns), graph_us(bnb_fns), graph_us(ours_fns)
+        eager = {name: median_us(rotating(fns)) for name, fns in (("bf16", bf16_fns), ("bnb", bnb_fns), ("ours", ours_fns))}
         variants = {}
         for path in ("gemv", "fused", "dequant_cublas"):
             if (path == "gemv" and m > 16) or (path == "fused" and m > 4096):
                 continue
-            variants[path] = median_us(rotating([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies]))
+            variants[path] = graph_us([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies])
         flops = 2 * m * n * k
         traffic = nf4_bytes + x.nbytes + m * n * 2
         floor = max(traffic / bw, flops / peak) * 1e6
@@ -118,13 +151,15 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
                    dequant_cublas_us=variants.get("dequant_cublas"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,
                    floor_us=floor, floor_frac=floor / t_ours, vs_bf16=t_bf16 / t_ours, vs_bnb=t_bnb / t_ours,
-                   bnb_vs_bf16=t_bf16 / t_bnb, err_vs_bnb=err)
+                   bnb_vs_bf16=t_bf16 / t_bnb, err_vs_bnb=err, eager_bf16_us=eager["bf16"],
+                   eager_bnb_us=eager["bnb"], eager_ours_us=eager["ours"])
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:8.1f}"  # noqa: E731
         say(f"{k:5d} {n:5d} {m:5d} | {t_bf16:8.1f} {t_bnb:8.1f} {t_ours:8.1f} {row['path']:>14s} | "
             f"{fmt(variants.get('gemv'))} {fmt(variants.get('fused'))} {fmt(variants.get('dequant_cublas'))} | "
             f"{row['ours_tflops']:6.1f} {row['ours_weight_gbs']:7.0f} {floor:8.1f} {row['floor_frac']:5.2f} | "
-            f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | {err:.1e}")
+            f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | "
+            f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e}")
 
 
 def bench_quantize(bw: float) -> list[dict]:
@@ -137,15 +172,43 @@ def bench_quantize(bw: float) -> list[dict]:
         bp, bs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
         exact = torch.equal(packed, bp) and torch.equal(absmax, bs.absmax)
         copies = [w.clone() for _ in range(copies_needed(w.nbytes))]
-        t = median_us(rotating([lambda c=c: bnb4_quantize(c, 64, "nf4") for c in copies]))
-        t_bnb = median_us(rotating([lambda c=c: bnbf.quantize_4bit(c, blocksize=64, quant_type="nf4") for c in copies]))
-        t_dq = median_us(rotating([lambda c=c: bnb4_quantize(c, 64, "nf4", nested=True) for c in copies]))
+        t = graph_us([lambda c=c: bnb4_quantize(c, 64, "nf4") for c in copies])
+        t_bnb = graph_us([lambda c=c: bnbf.quantize_4bit(c, blocksize=64, quant_type="nf4") for c in copies])
+        t_dq = graph_us([lambda c=c: bnb4_quantize(c, 64, "nf4", nested=True) for c in copies])
+        w_nf4 = Bnb4Weight(packed, absmax, (n, k), 64, "nf4")
+        t_deq = graph_us([lambda: dequantize(w_nf4, torch.bfloat16, scratch=True)])
+        deq_bytes = packed.nbytes + absmax.nbytes + w.nbytes
+        say(f"dequantize NF4 {n}x{k} -> bf16 (scratch): {t_deq:.1f} us, {deq_bytes / t_deq / 1e3:.0f} GB/s, "
+            f"{deq_bytes / (t_deq * 1e-6) / bw:.2f} of copy")
         nbytes = w.nbytes + packed.nbytes + absmax.nbytes
         frac = nbytes / (t * 1e-6) / bw
         say(f"quantize bf16 {n}x{k} -> NF4: ours {t:.1f} us ({nbytes / t / 1e3:.0f} GB/s, {frac:.2f} of copy), "
             f"+nested {t_dq:.1f} us, bitsandbytes {t_bnb:.1f} us; bit-exact with bitsandbytes CUDA: {exact}")
         out.append(dict(K=k, N=n, ours_us=t, nested_us=t_dq, bnb_us=t_bnb, gbs=nbytes / t / 1e3, frac_copy=frac, exact=exact))
     return out
+
+
+def report_kernels() -> None:
+    """Autotune picks and each compiled variant's registers/spills/shared memory, plus PTX counts
+    of the instructions that matter (gathers, shared-memory traffic, MMA flavour)."""
+    from comfy_lowbit.kernels import bnb4_linear as lin
+    from comfy_lowbit.kernels import bnb4_quantize as qz
+
+    for name in ("_gemv", "_matmul"):
+        tuner = getattr(lin, name)
+        for key, config in getattr(tuner, "cache", {}).items():
+            say(f"autotune {name} {key[:4]} -> {config}")
+    kernels = [lin._bnb4_gemv_kernel, lin._bnb4_matmul_kernel, lin._bnb4_dequantize_kernel, qz._bnb4_quantize_kernel]
+    for jit in kernels:
+        for caches in getattr(jit, "device_caches", {}).values():
+            for compiled in caches[0].values():
+                ptx = compiled.asm.get("ptx", "")
+                counts = {op: ptx.count(op) for op in ("ld.global", "ld.shared", "st.shared", "bar.sync",
+                                                        "wgmma.mma_async", "mma.sync", "cp.async", "local")}
+                meta = getattr(compiled, "metadata", None)
+                say(f"{jit.fn.__name__}: regs {compiled.n_regs} spills {compiled.n_spills} "
+                    f"smem {getattr(meta, 'shared', '?')} warps {getattr(meta, 'num_warps', '?')} "
+                    f"consts {str(getattr(meta, 'constants', ''))[:160]} ptx {counts}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -186,14 +249,21 @@ def main() -> int:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     bw, peak = measure_ceilings()
     say(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 cuBLAS {peak / 1e12:.0f} TFLOP/s (8192^3)")
-    say("NF4 block 64, fp32 absmax; times are do_bench medians in us, L2 flushed, weights rotated")
+    say("NF4 block 64, fp32 absmax. Times in us: CUDA-graph replays over rotating weight copies (> 2x L2), "
+        "median per call = GPU time; e:* = eager do_bench medians (host launch overhead included when it "
+        "exceeds the L2 flush). gemv/fused/dq+cuBLAS = our paths forced; ours = the dispatched one.")
     say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>14} | {'gemv':>8} {'fused':>8} "
-        f"{'dq+cuBLAS':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | err")
+        f"{'dq+cuBLAS':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
+        f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err")
     rows: list[dict] = []
     shapes = SHAPES[1:2] if args.quick else SHAPES
     for k, n in shapes:
         bench_shape(k, n, bw, peak, rows, [1, 16, 4096] if args.quick else MS)
     qrows = bench_quantize(bw)
+    try:
+        report_kernels()
+    except Exception as exc:  # diagnostics only
+        say(f"kernel report failed: {type(exc).__name__}: {exc}")
     with open(out_dir / "bnb4.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

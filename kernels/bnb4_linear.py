@@ -91,12 +91,30 @@ def _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block, mask, DOUB
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
 
+@triton.jit
+def _decode(code_ptr, pair_ptr, byte, PAIR: tl.constexpr):
+    """Codebook values (float32) of the high and low nibble of each byte.
+
+    PAIR: one 8-byte gather per byte from a 256-entry table of (code[hi], code[lo]) float32
+    pairs instead of two 4-byte gathers from the 16-entry codebook (half the load
+    instructions; both tables sit in L1).
+    """
+    if PAIR:
+        pair = tl.load(pair_ptr + byte)
+        w_hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        w_hi = tl.load(code_ptr + (byte >> 4))
+        w_lo = tl.load(code_ptr + (byte & 15))
+    return w_hi, w_lo
+
+
 # ----------------------------------------------------------------------------- GEMV (M = 1)
 
 
 @triton.jit
 def _bnb4_gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, bias_ptr, out_ptr,
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
     N, K, stride_xm, stride_om,
     QBLOCK: tl.constexpr,  # quantization block size B
     SUB: tl.constexpr,  # elements per sub-chunk sharing one absmax: min(B, 64)
@@ -104,6 +122,7 @@ def _bnb4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -122,8 +141,7 @@ def _bnb4_gemv_kernel(
         c_ok = (k0 + offs_c * SUB) < K
         ok = n_ok[:, None, None] & c_ok[None, :, None]
         byte = tl.load(packed_ptr + byte_off + k0 // 2, mask=ok, other=0)
-        w_hi = tl.load(code_ptr + (byte >> 4))
-        w_lo = tl.load(code_ptr + (byte & 15))
+        w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
         xv = tl.load(x_row + k0 + x_off, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
         x_even, x_odd = tl.split(xv)  # (CHUNKS, HALF) each: elements 2h and 2h+1
         part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)
@@ -141,7 +159,7 @@ def _bnb4_gemv_kernel(
 
 @triton.jit
 def _bnb4_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, bias_ptr, out_ptr,
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, M_BUCKET,  # M_BUCKET: only an autotune key
     QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -149,6 +167,7 @@ def _bnb4_matmul_kernel(
     DOUBLE_QUANT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     # Program order: GROUP_M tiles of rows of x share the sweep over N, so the x rows stay in L2.
     pid = tl.program_id(0)
@@ -175,8 +194,7 @@ def _bnb4_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         byte = tl.load(byte_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
         xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0).to(op_dtype)
-        w_hi = tl.load(code_ptr + (byte >> 4))
-        w_lo = tl.load(code_ptr + (byte & 15))
+        w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
         if BLOCK_K <= QBLOCK:  # the whole K step lies in one quantization block per row
             scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
                                   offs_n * (K // QBLOCK) + k0 // QBLOCK, n_ok, DOUBLE_QUANT)[:, None]
@@ -198,19 +216,22 @@ def _bnb4_matmul_kernel(
 
 @triton.jit
 def _bnb4_dequantize_kernel(
-    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, out_ptr, num_bytes,
-    QBLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, out_ptr, num_rows,
+    QBLOCK: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """Whole-weight dequantize (flat; N*K even): out[2j], out[2j+1] from byte j."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    ok = offs < num_bytes
-    byte = tl.load(packed_ptr + offs, mask=ok, other=0)
-    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (2 * offs) // QBLOCK, ok, DOUBLE_QUANT)
-    w_hi = tl.load(code_ptr + (byte >> 4)) * scale
-    w_lo = tl.load(code_ptr + (byte & 15)) * scale
-    w = tl.join(w_hi, w_lo).to(out_ptr.dtype.element_ty)  # (BLOCK_BYTES, 2)
-    out_offs = 2 * offs[:, None] + tl.arange(0, 2)[None, :]
-    tl.store(out_ptr + out_offs, w, mask=ok[:, None])
+    """Whole-weight dequantize, viewed flat as rows of SUB = min(B, 64) elements (SUB/2 bytes)
+    that share one absmax: out[r*SUB + 2h], out[r*SUB + 2h + 1] from byte r*SUB/2 + h."""
+    HALF: tl.constexpr = SUB // 2
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = rows < num_rows
+    offs_h = tl.arange(0, HALF)
+    byte = tl.load(packed_ptr + rows[:, None] * HALF + offs_h[None, :], mask=ok[:, None], other=0)
+    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (rows * SUB) // QBLOCK, ok, DOUBLE_QUANT)
+    w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+    out_ty = out_ptr.dtype.element_ty
+    w = tl.join((w_hi * scale[:, None]).to(out_ty), (w_lo * scale[:, None]).to(out_ty))  # (ROWS, HALF, 2)
+    out_offs = rows[:, None, None] * SUB + 2 * offs_h[None, :, None] + tl.arange(0, 2)[None, None, :]
+    tl.store(out_ptr + out_offs, w, mask=ok[:, None, None])
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -223,7 +244,9 @@ def _matmul_configs() -> list[triton.Config]:
         (16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 4, 4), (32, 64, 4, 4),
         (64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3),
     ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+        for pair in (False, True):
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "PAIR": pair},
+                                         num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -236,8 +259,9 @@ def _prune_matmul(configs, named_args, **kwargs):
 
 def _gemv_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_N": bn, "CHUNKS": ch}, num_warps=w)
-        for bn, ch, w in [(4, 8, 4), (8, 4, 4), (8, 8, 4), (16, 4, 4), (16, 8, 8), (32, 4, 8)]
+        triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": pair}, num_warps=w)
+        for bn, ch, w in [(8, 4, 4), (16, 4, 4), (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (128, 1, 8)]
+        for pair in (False, True)
     ]
 
 
@@ -251,28 +275,35 @@ else:
     )(_bnb4_matmul_kernel)
 
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
-_FIXED_GEMV = {"BLOCK_N": 64, "CHUNKS": 4}
-_FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 4}
+_FIXED_GEMV = {"BLOCK_N": 64, "CHUNKS": 4, "PAIR": True}
+_FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 4, "PAIR": False}
 
 
 # ----------------------------------------------------------------------------- launchers
 
-_CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 # M at or below which each path is used (measured on the H100, see benchmarks/NOTES.md).
 GEMV_MAX_M = 1
+DEQUANT_ROWS = 64  # 64 rows x 32 bytes = 2 KB of packed weight per program
 FUSED_MAX_M = 256
 
 
-def _constants(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codebook, signed dynamic map) on ``device``, made once per device."""
+def _constants(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebook, byte -> value-pair table, signed dynamic map) on ``device``, made once per device.
+
+    The pair table holds, for each byte, the float32 bits of code[hi] in its upper and of
+    code[lo] in its lower 32 bits (int64).
+    """
     key = (quant_type, device)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = (
-            bnb4_codec.codebook(quant_type).to(device=device, dtype=torch.float32).contiguous(),
-            bnb4_codec.DYNAMIC_MAP_SIGNED.to(device=device, dtype=torch.float32).contiguous(),
-        )
+        code = bnb4_codec.codebook(quant_type).to(torch.float32).contiguous()
+        bits = code.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        byte = torch.arange(256)
+        pair = (bits[byte >> 4] << 32) | bits[byte & 15]
+        _CONSTANTS[key] = (code.to(device), pair.to(device),
+                           bnb4_codec.DYNAMIC_MAP_SIGNED.to(device=device, dtype=torch.float32).contiguous())
     return _CONSTANTS[key]
 
 
@@ -382,9 +413,9 @@ def bnb4_linear(
 
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
     n, k = w.shape
-    code, dyn = _constants(w.quant_type, x2.device)
+    code, pair, dyn = _constants(w.quant_type, x2.device)
     sub = min(w.block_size, 64)
-    args = (x2, w.packed, *_absmax_args(w, dyn), code, bias if bias is not None else out, out,
+    args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
             n, k, x2.stride(0), out.stride(0))
     meta = dict(QBLOCK=w.block_size, SUB=sub, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant)
     if not AUTOTUNE:
@@ -397,8 +428,8 @@ def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
 def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
     n, k = w.shape
     m = x2.shape[0]
-    code, dyn = _constants(w.quant_type, x2.device)
-    args = (x2, w.packed, *_absmax_args(w, dyn), code, bias if bias is not None else out, out,
+    code, pair, dyn = _constants(w.quant_type, x2.device)
+    args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
             m, n, k, x2.stride(0), out.stride(0), _m_bucket(m))
     meta = dict(QBLOCK=w.block_size, BLOCK_K=min(w.block_size, 64), HAS_BIAS=bias is not None,
                 DOUBLE_QUANT=w.double_quant,
@@ -429,12 +460,13 @@ def dequantize(w: Bnb4Weight, dtype: torch.dtype, scratch: bool = False, out: to
         out = buf[:numel]
     else:
         out = torch.empty(numel, device=device, dtype=dtype)
-    code, dyn = _constants(w.quant_type, device)
-    block_bytes = 256 if INTERPRET else 1024
-    grid = (triton.cdiv(numel // 2, block_bytes),)
-    _bnb4_dequantize_kernel[grid](w.packed, *_absmax_args(w, dyn), code, out, numel // 2,
-                                  QBLOCK=w.block_size, BLOCK_BYTES=block_bytes, DOUBLE_QUANT=w.double_quant,
-                                  num_warps=4)
+    code, pair, dyn = _constants(w.quant_type, device)
+    sub = min(w.block_size, 64)
+    rows = 8 if INTERPRET else DEQUANT_ROWS
+    grid = (triton.cdiv(numel // sub, rows),)
+    _bnb4_dequantize_kernel[grid](w.packed, *_absmax_args(w, dyn), code, pair, out, numel // sub,
+                                  QBLOCK=w.block_size, SUB=sub, ROWS=rows, DOUBLE_QUANT=w.double_quant,
+                                  PAIR=True, num_warps=4)
     return out.view(n, k)
 
 
