@@ -115,43 +115,57 @@ def _decode(code_ptr, pair_ptr, byte, PAIR: tl.constexpr):
 @triton.jit
 def _bnb4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
-    N, K, stride_xm, stride_om,
+    M, N, K, stride_xm, stride_om, M_BUCKET,  # M_BUCKET: only an autotune key
     QBLOCK: tl.constexpr,  # quantization block size B
     SUB: tl.constexpr,  # elements per sub-chunk sharing one absmax: min(B, 64)
     CHUNKS: tl.constexpr,  # sub-chunks per loop iteration
+    BLOCK_M: tl.constexpr,  # rows of x per program: each decoded weight serves all of them
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     PAIR: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)
+    pid_m = tl.program_id(1)
     HALF: tl.constexpr = SUB // 2
+    STEP: tl.constexpr = CHUNKS * SUB
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNKS)
     offs_h = tl.arange(0, HALF)
-    offs_pair = tl.arange(0, 2)
-    # byte (n, c, h) of one iteration; x element (c, h, p) of one iteration
+    # byte (n, c, h) of one step; x element (m, c, h, p) = x[m, k0 + c*SUB + 2h + p]
     byte_off = offs_n[:, None, None] * (K // 2) + offs_c[None, :, None] * HALF + offs_h[None, None, :]
-    x_off = offs_c[:, None, None] * SUB + offs_h[None, :, None] * 2 + offs_pair[None, None, :]
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, CHUNKS * SUB):
-        c_ok = (k0 + offs_c * SUB) < K
-        ok = n_ok[:, None, None] & c_ok[None, :, None]
-        byte = tl.load(packed_ptr + byte_off + k0 // 2, mask=ok, other=0)
+    x_off = (offs_m[:, None, None, None] * stride_xm + offs_c[None, :, None, None] * SUB
+             + offs_h[None, None, :, None] * 2 + tl.arange(0, 2)[None, None, None, :])
+    block_row = offs_n[:, None] * (K // QBLOCK)
+    # Software pipelining by hand: the loads of step k0 + STEP are issued before the math of
+    # step k0, so a DRAM round trip overlaps the decode (Triton pipelines only dot loops).
+    c_ok = offs_c * SUB < K
+    byte = tl.load(packed_ptr + byte_off, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+    xv = tl.load(x_ptr + x_off, mask=m_ok[:, None, None, None] & c_ok[None, :, None, None], other=0.0)
+    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_row + (offs_c[None, :] * SUB) // QBLOCK,
+                          n_ok[:, None] & c_ok[None, :], DOUBLE_QUANT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
+    for k0 in range(0, K, STEP):
+        kn = k0 + STEP
+        cn_ok = (kn + offs_c * SUB) < K
+        byte_next = tl.load(packed_ptr + byte_off + kn // 2, mask=n_ok[:, None, None] & cn_ok[None, :, None], other=0)
+        xv_next = tl.load(x_ptr + x_off + kn, mask=m_ok[:, None, None, None] & cn_ok[None, :, None, None], other=0.0)
+        scale_next = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                   block_row + (kn + offs_c[None, :] * SUB) // QBLOCK,
+                                   n_ok[:, None] & cn_ok[None, :], DOUBLE_QUANT)
         w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
-        xv = tl.load(x_row + k0 + x_off, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(xv)  # (CHUNKS, HALF) each: elements 2h and 2h+1
-        part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)
-        block = offs_n[:, None] * (K // QBLOCK) + (k0 + offs_c[None, :] * SUB) // QBLOCK
-        scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block,
-                              n_ok[:, None] & c_ok[None, :], DOUBLE_QUANT)
-        acc += tl.sum(part * scale, axis=1)
+        x_even, x_odd = tl.split(xv.to(tl.float32))  # (BLOCK_M, CHUNKS, HALF): elements 2h and 2h+1
+        part = tl.sum(w_hi[None, :, :, :] * x_even[:, None, :, :] + w_lo[None, :, :, :] * x_odd[:, None, :, :], axis=3)
+        acc += part * scale[None, :, :]
+        byte, xv, scale = byte_next, xv_next, scale_next
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- fused GEMM
@@ -216,67 +230,97 @@ def _bnb4_matmul_kernel(
 
 @triton.jit
 def _bnb4_dequantize_kernel(
-    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, out_ptr, num_rows,
-    QBLOCK: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PAIR: tl.constexpr,
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, out_ptr, num_bytes,
+    QBLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """Whole-weight dequantize, viewed flat as rows of SUB = min(B, 64) elements (SUB/2 bytes)
-    that share one absmax: out[r*SUB + 2h], out[r*SUB + 2h + 1] from byte r*SUB/2 + h."""
-    HALF: tl.constexpr = SUB // 2
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    ok = rows < num_rows
-    offs_h = tl.arange(0, HALF)
-    byte = tl.load(packed_ptr + rows[:, None] * HALF + offs_h[None, :], mask=ok[:, None], other=0)
-    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (rows * SUB) // QBLOCK, ok, DOUBLE_QUANT)
+    """Whole-weight dequantize, flat: out[2j], out[2j + 1] from byte j (N*K is even).
+
+    Flat 1-D tiles measured 10x faster than (rows, 32 bytes) tiles on the H100 (v1 vs v2 in
+    benchmarks/NOTES.md): the joined (BLOCK_BYTES, 2) result stores as contiguous vectors.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    ok = offs < num_bytes
+    byte = tl.load(packed_ptr + offs, mask=ok, other=0)
+    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (2 * offs) // QBLOCK, ok, DOUBLE_QUANT)
     w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
     out_ty = out_ptr.dtype.element_ty
-    w = tl.join((w_hi * scale[:, None]).to(out_ty), (w_lo * scale[:, None]).to(out_ty))  # (ROWS, HALF, 2)
-    out_offs = rows[:, None, None] * SUB + 2 * offs_h[None, :, None] + tl.arange(0, 2)[None, None, :]
-    tl.store(out_ptr + out_offs, w, mask=ok[:, None, None])
+    w = tl.join((w_hi * scale).to(out_ty), (w_lo * scale).to(out_ty))  # (BLOCK_BYTES, 2)
+    out_offs = 2 * offs[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(out_ptr + out_offs, w, mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------- autotuning
 
 
 def _matmul_configs() -> list[triton.Config]:
-    """Small set: skinny tiles for M <= 64, wgmma-sized tiles for large M."""
+    """Small set: skinny tiles for small M (16-32 weight rows give enough CTAs when N is small),
+    wgmma-sized tiles for large M; BLOCK_K 128 halves the loop trips for skinny tiles."""
     configs = []
-    for bm, bn, warps, stages in [
-        (16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 4, 4), (32, 64, 4, 4),
-        (64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3),
+    for bm, bn, bk, warps, stages in [
+        (16, 16, 64, 4, 4), (16, 32, 64, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 4, 3), (16, 64, 128, 4, 3),
+        (32, 32, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
     ]:
         for pair in (False, True):
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "PAIR": pair},
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PAIR": pair},
                                          num_warps=warps, num_stages=stages))
     return configs
 
 
 def _prune_matmul(configs, named_args, **kwargs):
     """Keep only tiles that fit the M bucket (a 256-row tile for 16 rows is wasted work)."""
-    bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)]
+    bucket, k = named_args["M_BUCKET"], named_args["K"]
+    kept = []
+    for c in configs:
+        if c.kwargs["BLOCK_M"] > max(16, bucket):
+            continue
+        if k % c.kwargs["BLOCK_K"]:  # the K loop has no tail: fall back to the largest step dividing K
+            c = triton.Config({**c.kwargs, "BLOCK_K": min(64, k & -k)}, num_warps=c.num_warps, num_stages=c.num_stages)
+        kept.append(c)
     return kept or configs[:1]
 
 
+# (BLOCK_N, CHUNKS, num_warps): weight rows and 64-element sub-chunks per step.
+_GEMV_TILES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 4), (16, 1, 4), (16, 2, 4), (16, 4, 4),
+               (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4)]
+
+
 def _gemv_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": pair}, num_warps=w)
-        for bn, ch, w in [(8, 4, 4), (16, 4, 4), (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (128, 1, 8)]
-        for pair in (False, True)
-    ]
+    return [triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": False}, num_warps=w) for bn, ch, w in _GEMV_TILES]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Bound the (rows x weight rows x step) product the kernel holds in registers."""
+    rows = kwargs.get("BLOCK_M", 1)
+    kept = [c for c in configs if rows * c.kwargs["BLOCK_N"] * c.kwargs["CHUNKS"] * 32 <= 8192]
+    return kept or configs[:1]
 
 
 if not AUTOTUNE:
     _gemv = _bnb4_gemv_kernel
     _matmul = _bnb4_matmul_kernel
 else:
-    _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
+    _gemv = triton.autotune(_gemv_configs(), key=["M_BUCKET", "N", "K"],
+                            prune_configs_by={"early_config_prune": _prune_gemv})(_bnb4_gemv_kernel)
     _matmul = triton.autotune(
         _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
     )(_bnb4_matmul_kernel)
 
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
-_FIXED_GEMV = {"BLOCK_N": 64, "CHUNKS": 4, "PAIR": True}
-_FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 4, "PAIR": False}
+_FIXED_GEMV = {"BLOCK_N": 16, "CHUNKS": 2, "PAIR": True}
+_FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _run_tuned(tuner, kernel, key: tuple, grid_of, args: tuple, meta: dict) -> None:
+    """Launch through the autotuner on a key's first call, then straight through the jit
+    kernel with the config it chose: the autotuner's per-call Python costs ~10s of us."""
+    best = _BEST.get(key)
+    if best is None:
+        tuner[grid_of](*args, **meta)
+        _BEST[key] = tuner.best_config
+        return
+    kernel[grid_of(best.kwargs)](*args, **meta, **best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -285,8 +329,8 @@ _CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, tor
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 # M at or below which each path is used (measured on the H100, see benchmarks/NOTES.md).
-GEMV_MAX_M = 1
-DEQUANT_ROWS = 64  # 64 rows x 32 bytes = 2 KB of packed weight per program
+GEMV_MAX_M = 16
+DEQUANT_BLOCK_BYTES = 1024
 FUSED_MAX_M = 256
 
 
@@ -413,16 +457,18 @@ def bnb4_linear(
 
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
     n, k = w.shape
+    m = x2.shape[0]
     code, pair, dyn = _constants(w.quant_type, x2.device)
-    sub = min(w.block_size, 64)
     args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
-            n, k, x2.stride(0), out.stride(0))
-    meta = dict(QBLOCK=w.block_size, SUB=sub, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant)
+            m, n, k, x2.stride(0), out.stride(0), _m_bucket(m))
+    meta = dict(QBLOCK=w.block_size, SUB=min(w.block_size, 64), BLOCK_M=min(triton.next_power_of_2(m), 16),
+                HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant)
+    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     if not AUTOTUNE:
-        grid = (triton.cdiv(n, _FIXED_GEMV["BLOCK_N"]), x2.shape[0])
-        _gemv[grid](*args, **meta, **_FIXED_GEMV)
+        _gemv[grid_of(_FIXED_GEMV)](*args, **meta, **_FIXED_GEMV)
     else:
-        _gemv[lambda c: (triton.cdiv(n, c["BLOCK_N"]), x2.shape[0])](*args, **meta)
+        key = ("gemv", _m_bucket(m), n, k, x2.dtype, *meta.values())
+        _run_tuned(_gemv, _bnb4_gemv_kernel, key, grid_of, args, meta)
 
 
 def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
@@ -431,16 +477,15 @@ def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
     code, pair, dyn = _constants(w.quant_type, x2.device)
     args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
             m, n, k, x2.stride(0), out.stride(0), _m_bucket(m))
-    meta = dict(QBLOCK=w.block_size, BLOCK_K=min(w.block_size, 64), HAS_BIAS=bias is not None,
-                DOUBLE_QUANT=w.double_quant,
+    meta = dict(QBLOCK=w.block_size, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant,
                 DOT_PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32",
                 INTERPRETED=INTERPRET)
+    grid_of = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
     if not AUTOTUNE:
-        c = _FIXED_MATMUL
-        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-        _matmul[grid](*args, **meta, **c)
+        _matmul[grid_of(_FIXED_MATMUL)](*args, **meta, **{**_FIXED_MATMUL, "BLOCK_K": min(64, k & -k)})
     else:
-        _matmul[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+        key = ("fused", _m_bucket(m), n, k, x2.dtype, *meta.values())
+        _run_tuned(_matmul, _bnb4_matmul_kernel, key, grid_of, args, meta)
 
 
 def dequantize(w: Bnb4Weight, dtype: torch.dtype, scratch: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -461,12 +506,11 @@ def dequantize(w: Bnb4Weight, dtype: torch.dtype, scratch: bool = False, out: to
     else:
         out = torch.empty(numel, device=device, dtype=dtype)
     code, pair, dyn = _constants(w.quant_type, device)
-    sub = min(w.block_size, 64)
-    rows = 8 if INTERPRET else DEQUANT_ROWS
-    grid = (triton.cdiv(numel // sub, rows),)
-    _bnb4_dequantize_kernel[grid](w.packed, *_absmax_args(w, dyn), code, pair, out, numel // sub,
-                                  QBLOCK=w.block_size, SUB=sub, ROWS=rows, DOUBLE_QUANT=w.double_quant,
-                                  PAIR=True, num_warps=4)
+    block_bytes = 256 if INTERPRET else DEQUANT_BLOCK_BYTES
+    grid = (triton.cdiv(numel // 2, block_bytes),)
+    _bnb4_dequantize_kernel[grid](w.packed, *_absmax_args(w, dyn), code, pair, out, numel // 2,
+                                  QBLOCK=w.block_size, BLOCK_BYTES=block_bytes, DOUBLE_QUANT=w.double_quant,
+                                  PAIR=False, num_warps=4)
     return out.view(n, k)
 
 

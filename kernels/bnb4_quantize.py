@@ -36,7 +36,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _bnb4_quantize_kernel(
     x_ptr, packed_ptr, absmax_ptr, order_ptr, numel, num_blocks, tiny,
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
-    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, SORTED: tl.constexpr,
 ):
     HALF: tl.constexpr = QBLOCK // 2
     first = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
@@ -45,17 +45,26 @@ def _bnb4_quantize_kernel(
     x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)
     clamped = tl.maximum(absmax, tiny)  # tiny = 1e-38, a float32 denormal: passed in, not a literal
-    # bitsandbytes' short last block divides and stores the clamped absmax (see the module header)
-    short = (blocks == num_blocks - 1) & (numel % QBLOCK != 0)
-    tl.store(absmax_ptr + blocks, tl.where(short, clamped, absmax), mask=blocks < num_blocks)
     recip = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), clamped)
-    s = tl.where(short[:, None], tl.math.div_rn(x, clamped[:, None]), x * recip[:, None])
+    if (first + BLOCKS_PER_PROGRAM >= num_blocks) & (numel % QBLOCK != 0):
+        # the program holding bitsandbytes' short last block: that block divides and stores
+        # the clamped absmax (module header); a per-element division everywhere would cost
+        # more than the whole rest of the kernel
+        short = blocks == num_blocks - 1
+        tl.store(absmax_ptr + blocks, tl.where(short, clamped, absmax), mask=blocks < num_blocks)
+        s = tl.where(short[:, None], tl.math.div_rn(x, clamped[:, None]), x * recip[:, None])
+    else:
+        tl.store(absmax_ptr + blocks, absmax, mask=blocks < num_blocks)
+        s = x * recip[:, None]
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)
     pos = ((s > t0).to(tl.int32) + (s > t1).to(tl.int32) + (s > t2).to(tl.int32) + (s > t3).to(tl.int32)
            + (s > t4).to(tl.int32) + (s > t5).to(tl.int32) + (s > t6).to(tl.int32) + (s > t7).to(tl.int32)
            + (s > t8).to(tl.int32) + (s > t9).to(tl.int32) + (s > t10).to(tl.int32) + (s > t11).to(tl.int32)
            + (s > t12).to(tl.int32) + (s > t13).to(tl.int32) + (s > t14).to(tl.int32))
-    code = tl.load(order_ptr + pos).to(tl.uint8)
+    if SORTED:  # NF4: the sorted position is the code
+        code = pos.to(tl.uint8)
+    else:
+        code = tl.load(order_ptr + pos).to(tl.uint8)
     hi, lo = tl.split(tl.reshape(code, (BLOCKS_PER_PROGRAM, HALF, 2)))
     byte = (hi << 4) | lo
     byte_offs = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -108,7 +117,8 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
     grid = (triton.cdiv(num_blocks, per_program),)
     if numel:
         _bnb4_quantize_kernel[grid](flat, packed, absmax, order, numel, num_blocks, 1e-38, *thresholds,
-                                    QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program, num_warps=4)
+                                    QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program,
+                                    SORTED=quant_type == "nf4", num_warps=4)
     if not nested:
         return packed, absmax
     codes, nested_absmax, offset = bnb4_codec.quantize_nested_absmax(absmax)
