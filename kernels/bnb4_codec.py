@@ -37,17 +37,22 @@ Nested absmax ("double quant", bitsandbytes' ``compress_statistics``)
 uint8 codes into ``DYNAMIC_MAP_SIGNED`` plus one float32 ``nested_absmax = max|d|`` per 256.
 Dequantize: ``absmax = DYNAMIC_MAP_SIGNED[q] * nested_absmax[i // 256] + offset`` (float32,
 two roundings). bitsandbytes' CPU 8-bit quantizer picks the code through a 65536-entry lookup
-table over [-1, 1] rather than an exact nearest search, and we reproduce that table:
-``t = clamp(d / ..., -1, 1)`` via ``d * (1 / nested_absmax)``; index
-``u = trunc(((t + 1) * 0.5) * 65535 + 0.5)`` (the last multiply-add fused, as the compiled
-library does); ``q = LUT[u]`` where ``LUT[u]`` counts the dynamic-map midpoints strictly below
-``-1 + 2u / 65535``. A block whose ``max|d|`` is 0 stores codes 0. (bitsandbytes' CUDA
-quantizer searches exactly instead, so a GPU-made bitsandbytes file can differ from this in a
-few nested codes; both decode with the same formula.)
+table over [-1, 1] rather than an exact nearest search, and we reproduce it:
+``t = clamp(d * (1 / nested_absmax), -1, 1)``, ``u = trunc(((t + 1) * 0.5) * 65535 + 0.5)``
+in float32 steps, ``q = LUT[u]`` where ``LUT[u]`` counts the dynamic-map midpoints strictly
+below ``-1 + 2u / 65535``. A block whose ``max|d|`` is 0 stores codes 0.
+
+Which bitsandbytes: its CPU path, the one CI can run. Its CUDA kernels differ: (a) the short
+last block is scaled by a reciprocal too and (b) NF4/FP4 thresholds are decimal constants, so
+a value within an ulp or two of a midpoint may take the neighbouring code; (c) FP4 gives tiny
+positive values code 0 and tiny negative ones code 8, the reverse of the CPU path (both
+decode to zero); (d) nested codes come from an exact nearest search, which moves a few
+percent of nested codes by one step. GPU kernels in this package reproduce this module.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -135,8 +140,13 @@ _MIDPOINTS = {name: _sorted_midpoints(code) for name, code in _CODEBOOKS.items()
 _ZERO_CODES = {name: int(order[torch.bucketize(torch.tensor(0.0), mids)]) for name, (mids, order) in _MIDPOINTS.items()}
 
 
+def is_block_size(value: Any) -> bool:
+    """True for one of ``BLOCK_SIZES`` as an int (not 64.0, not True)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in BLOCK_SIZES
+
+
 def _check_block_size(block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
+    if not is_block_size(block_size):
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
 
 
@@ -222,7 +232,9 @@ def _pack_nibbles(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
     return pairs[:, 0].bitwise_left_shift(4).bitwise_or_(pairs[:, 1])
 
 
-def quantize_4bit(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(
+    x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization, bit-exact with ``bitsandbytes.functional.quantize_4bit`` (CPU).
 
     Returns ``(packed, absmax)``: ``packed`` uint8 of shape ``((numel + 1) // 2, 1)`` and
@@ -268,23 +280,36 @@ def dequantize_4bit(
     quant_type: str,
     shape: tuple[int, ...] | torch.Size,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of ``quantize_4bit``, bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
 
-    ``y = (codebook[code] * absmax[block]).to(out_dtype)``, reshaped to ``shape``.
+    ``y = (codebook[code] * absmax[block]).to(out_dtype)``, reshaped to ``shape``; written
+    into ``out`` (contiguous, ``shape`` elements of ``out_dtype``) when given.
     """
     _check_block_size(block_size)
     _check_quant_type(quant_type)
     n = math.prod(shape)
     nbytes = (n + 1) // 2
     if packed.dtype != torch.uint8 or packed.numel() != nbytes:
-        raise ValueError(f"packed must be uint8 with {nbytes} bytes for shape {tuple(shape)}, got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed must be uint8 with {nbytes} bytes for shape {tuple(shape)}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
     if absmax_fp32.numel() != num_blocks(n, block_size):
-        raise ValueError(f"absmax must have {num_blocks(n, block_size)} values for {n} values in blocks of {block_size}, got {absmax_fp32.numel()}")
+        raise ValueError(
+            f"absmax must have {num_blocks(n, block_size)} values for {n} values in blocks of {block_size}, "
+            f"got {absmax_fp32.numel()}"
+        )
     packed = packed.reshape(-1)
     absmax_fp32 = absmax_fp32.reshape(-1).float()
     table = _BYTE_TABLES[quant_type].to(packed.device)
-    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    elif out.dtype != out_dtype or out.numel() != n or not out.is_contiguous() or out.device != packed.device:
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements on {packed.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    result, out = out, out.view(-1)
     chunk = max(CHUNK_VALUES // block_size, 1) * block_size
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -296,7 +321,7 @@ def dequantize_4bit(
             out[start : start + full] = values[:full].view(-1, block_size).mul(scales).view(-1)
         if full < stop - start:
             out[start + full : stop] = values[full:] * absmax_fp32[first_block + full // block_size]
-    return out.view(shape)
+    return result.view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,14 +344,14 @@ _DYNAMIC_LUT = _dynamic_lut()
 
 
 def _lut_index(t: torch.Tensor) -> torch.Tensor:
-    """``trunc(((t + 1) * 0.5) * 65535 + 0.5)`` with the multiply-add fused (one rounding).
+    """``trunc(((t + 1) * 0.5) * 65535 + 0.5)`` in float32, ``t`` clamped to [-1, 1].
 
-    ``(t + 1) * 0.5`` rounds once in float32; the fused multiply-add is computed exactly in
-    float64 (a 24-bit times a 16-bit mantissa fits in 53 bits) and rounded once to float32.
+    Whether the compiled library fuses the last multiply-add or not makes no difference: for
+    every float32 in [0, 1] both give the same index (checked exhaustively), so plain float32
+    steps reproduce it on any device.
     """
     half = (t.clamp(-1.0, 1.0) + 1.0) * 0.5
-    fused = (half.double() * float(_LUT_SIZE - 1) + 0.5).float()
-    return fused.long()
+    return (half * float(_LUT_SIZE - 1) + 0.5).long()
 
 
 def quantize_nested_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -350,14 +375,17 @@ def quantize_nested_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return codes.view(-1)[:n].contiguous(), nested_absmax, offset
 
 
-def dequantize_nested_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor | float) -> torch.Tensor:
+def dequantize_nested_absmax(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor | float
+) -> torch.Tensor:
     """``DYNAMIC_MAP_SIGNED[codes] * nested_absmax[i // 256] + offset`` in float32."""
     n = codes.numel()
     if codes.dtype != torch.uint8:
         raise ValueError(f"nested absmax codes must be uint8, got {codes.dtype}")
     if nested_absmax.numel() != num_blocks(n, NESTED_BLOCK_SIZE):
         raise ValueError(
-            f"nested_absmax must have {num_blocks(n, NESTED_BLOCK_SIZE)} values for {n} codes, got {nested_absmax.numel()}"
+            f"nested_absmax must have {num_blocks(n, NESTED_BLOCK_SIZE)} values for {n} codes, "
+            f"got {nested_absmax.numel()}"
         )
     values = DYNAMIC_MAP_SIGNED.to(codes.device)[codes.reshape(-1).long()]
     scales = nested_absmax.reshape(-1).float().repeat_interleave(NESTED_BLOCK_SIZE)[:n]

@@ -6,17 +6,24 @@ the loader and the demo all read ``FORMATS``; a new format is one import and one
 """
 from __future__ import annotations
 
-from comfy_kitchen.tensor import register_layout_class
+from comfy_kitchen.tensor import get_layout_class, register_layout_class
 
 from .base import LowBitLayout, QuantFormatError, reference_linear
+from .bnb4 import FP4Layout, NF4Layout
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
 
-LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = ()
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (NF4Layout, FP4Layout)
 
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 
 for _cls in LAYOUT_CLASSES:
-    register_layout_class(_cls.__name__, _cls)
+    # A second copy of this package in one process (pytest imports the repository root under
+    # its directory name; a pip install beside custom_nodes/) must not replace the classes the
+    # first copy registered, or that copy's tensors stop matching its own isinstance checks.
+    try:
+        get_layout_class(_cls.__name__)
+    except KeyError:
+        register_layout_class(_cls.__name__, _cls)
 
 __all__ = [
     "FORMATS",

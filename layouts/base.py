@@ -147,8 +147,9 @@ def _handle_same_shape_view(op):
 
     def handler(qt, args, kwargs):
         w, shape = args[0], args[1]
-        if _is_lowbit(w) and tuple(shape) in (tuple(w.shape), (-1, w.shape[-1])) and w.dim() == 2:
-            return w
+        if _is_lowbit(w) and w.dim() == 2 and tuple(shape) in (tuple(w.shape), (-1, w.shape[-1])):
+            # A view op may not return its input itself: hand back a new wrapper of the same data.
+            return QuantizedTensor(w._qdata, w._layout_cls, w._params)
         logger.debug("%s to a new shape: dequantizing", op)
         return op(*dequantize_args(args), **kwargs)
 

@@ -18,6 +18,10 @@ from support import outlier_matrix, relative_error
 # W4A4 quantizes activations too, so its linear differs from dequantize + F.linear by design.
 LINEAR_VS_DEQUANT_RTOL = {"svdquant_w4a4": 0.2}
 DEFAULT_RTOL = 1e-5
+# Weight round-trip error bound. bitsandbytes' FP4 has no code between 1/192 and 1/6 of the
+# block absmax, so bit-exact with bitsandbytes it measures ~0.19 on this outlier matrix.
+WEIGHT_RTOL = {"bnb_fp4": 0.25}
+DEFAULT_WEIGHT_RTOL = 0.15
 
 N, K = 96, 256
 
@@ -39,7 +43,7 @@ def test_from_float_keeps_shape_dtype_and_values(layout):
     assert isinstance(qt, QuantizedTensor) and qt.shape == w.shape and qt.dtype == w.dtype
     dq = qt.dequantize()
     assert dq.shape == w.shape and dq.dtype == w.dtype
-    assert relative_error(dq, w) < 0.15
+    assert relative_error(dq, w) < WEIGHT_RTOL.get(layout.FORMAT, DEFAULT_WEIGHT_RTOL)
 
 
 @pytest.mark.parametrize("x_shape", [(5, K), (2, 7, K)])
@@ -60,10 +64,14 @@ def test_linear_matches_dequantized(layout, x_shape, with_bias, mode):
 def test_moves_and_copies_stay_quantized(layout):
     qt = QuantizedTensor.from_float(_weight(3), layout.__name__)
     ref = qt.dequantize()
-    for moved in (qt.to("cpu"), qt.to(torch.float16), qt.clone(), qt.detach(), qt.to(device="cpu", dtype=torch.float32)):
+    for moved in (qt.to("cpu"), qt.clone(), qt.detach()):
         assert isinstance(moved, QuantizedTensor) and moved._layout_cls == qt._layout_cls
-        assert torch.equal(moved.dequantize().float(), ref.float().to(moved.dtype).float())
-    assert qt.to(torch.float16).dtype == torch.float16
+        assert torch.equal(moved.dequantize(), ref)
+    for dtype in (torch.float16, torch.float32):
+        moved = qt.to(device="cpu", dtype=dtype)
+        assert isinstance(moved, QuantizedTensor) and moved.dtype == dtype
+        # Same stored data, decoded straight to the new dtype: equal up to that dtype's rounding.
+        torch.testing.assert_close(moved.dequantize().float(), ref.float(), rtol=1e-2, atol=1e-3)
     dst = QuantizedTensor.from_float(_weight(4), layout.__name__)
     dst.copy_(qt)
     assert torch.equal(dst.dequantize(), ref)
@@ -85,4 +93,4 @@ def test_requantize_accepts_comfyui_keywords(layout):
     again = qt.requantize_from_float(patched, scale="recalculate", stochastic_rounding=1234, inplace_ops=True)
     assert again._layout_cls == qt._layout_cls
     assert layout.comfy_quant_config(again._params) == layout.comfy_quant_config(qt._params)
-    assert relative_error(again.dequantize(), patched) < 0.15
+    assert relative_error(again.dequantize(), patched) < WEIGHT_RTOL.get(layout.FORMAT, DEFAULT_WEIGHT_RTOL)
