@@ -16,21 +16,24 @@ quantization block B (64 by default):
 Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 ``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
 
-Three paths, chosen by the number of rows M of x (``choose_path``):
+Three paths; ``choose_path`` picks by the number of rows M of x, from the H100 measurements
+in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for M >= 2):
 
-* ``gemv`` (M = 1): every program owns a few rows of W and walks all of K, reading each packed
-  byte once; nibbles are decoded through the codebook, the partial dot product of each
-  quantization block is formed first and scaled by its absmax once (so the absmax, nested or
-  not, costs one decode per block, not per element), and the sum stays in float32 registers.
-  Small row tiles give enough programs to fill the GPU even when N is small, so no split-K
-  (whose extra zero/reduce launches would cost more than a GEMV of these sizes takes).
-* ``fused`` (small and medium M): a tensor-core GEMM that dequantizes the W tile in the main
-  loop. It computes the transposed product ``y.T[n, m] = W[n, :] . x[m, :]`` so the dequantized
-  W tile (made in registers) is the left operand and its rows fill the MMA's M dimension
-  even when x has a single 16-row tile.
-* ``dequant_cublas`` (large M): a bandwidth-bound dequantize of the whole W into a scratch
-  buffer reused between calls, then cuBLAS. At large M the GEMM is compute-bound and the
-  dequantize is a fixed cost of about one read of the bf16 weight.
+* ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading
+  each packed byte once; x is read as element pairs so its tile indexes like the byte tile;
+  nibbles are decoded through the codebook, each quantization block's partial dot product is
+  scaled by its absmax once (so the absmax, nested or not, costs one decode per block), and
+  the sum stays in float32. Small row tiles give enough programs to fill the GPU even when N
+  is small, so no split-K (whose extra zero/reduce launches would cost more than a GEMV of
+  these sizes takes). An autotuned variant issues the next step's loads before the math.
+* ``fused``: a tensor-core GEMM that dequantizes the W tile in the main loop. It computes the
+  transposed product ``y.T[n, m] = W[n, :] . x[m, :]`` so the dequantized W tile (made in
+  registers) is the left operand and its rows fill the MMA's M dimension even when x has a
+  single 16-row tile. Measured slower than dequantize + cuBLAS at every M on the H100, so
+  only reachable with ``path="fused"``; kept, tested and benchmarked as the baseline a
+  better fused kernel has to beat.
+* ``dequant_cublas``: a bandwidth-bound dequantize of the whole W into a scratch buffer
+  reused between calls (0.82 of copy bandwidth), then cuBLAS with the bias in its epilogue.
 
 ``reference_bnb4_linear`` (dequantize with ``bnb4_codec`` + ``F.linear`` in float32) is what the
 kernels are tested against.
@@ -113,59 +116,87 @@ def _decode(code_ptr, pair_ptr, byte, PAIR: tl.constexpr):
 
 
 @triton.jit
+def _unpair(v, X_KIND: tl.constexpr):
+    """(x[2j], x[2j+1]) in float32 from the word holding both (little-endian: 2j in the low half).
+
+    X_KIND 0: bf16 pair in an int32, 1: fp16 pair in an int32, 2: fp32 pair in an int64.
+    Loading x as pairs gives a tile with exactly the shape and indexing of the packed-byte
+    tile (byte j holds elements 2j and 2j+1), so no reshape/split shuffles are needed.
+    """
+    if X_KIND == 0:
+        even = (v << 16).to(tl.float32, bitcast=True)
+        odd = (v & -65536).to(tl.float32, bitcast=True)
+    elif X_KIND == 1:
+        even = (v & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        even = v.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
 def _bnb4_gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, M_BUCKET,  # M_BUCKET: only an autotune key
+    xp_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
+    N, K, stride_xpm, stride_om,
     QBLOCK: tl.constexpr,  # quantization block size B
     SUB: tl.constexpr,  # elements per sub-chunk sharing one absmax: min(B, 64)
     CHUNKS: tl.constexpr,  # sub-chunks per loop iteration
-    BLOCK_M: tl.constexpr,  # rows of x per program: each decoded weight serves all of them
     BLOCK_N: tl.constexpr,
+    X_KIND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     PAIR: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    """One row of x (program axis 1) against BLOCK_N rows of W; xp = x viewed as element pairs."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    row = tl.program_id(1)
     HALF: tl.constexpr = SUB // 2
     STEP: tl.constexpr = CHUNKS * SUB
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     offs_c = tl.arange(0, CHUNKS)
     offs_h = tl.arange(0, HALF)
-    # byte (n, c, h) of one step; x element (m, c, h, p) = x[m, k0 + c*SUB + 2h + p]
+    # byte (n, c, h) and x pair (c, h) of one step: both hold elements k0 + c*SUB + 2h, +1
     byte_off = offs_n[:, None, None] * (K // 2) + offs_c[None, :, None] * HALF + offs_h[None, None, :]
-    x_off = (offs_m[:, None, None, None] * stride_xm + offs_c[None, :, None, None] * SUB
-             + offs_h[None, None, :, None] * 2 + tl.arange(0, 2)[None, None, None, :])
+    pair_off = offs_c[:, None] * HALF + offs_h[None, :]
+    x_row = xp_ptr + row * stride_xpm
     block_row = offs_n[:, None] * (K // QBLOCK)
-    # Software pipelining by hand: the loads of step k0 + STEP are issued before the math of
-    # step k0, so a DRAM round trip overlaps the decode (Triton pipelines only dot loops).
-    c_ok = offs_c * SUB < K
-    byte = tl.load(packed_ptr + byte_off, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
-    xv = tl.load(x_ptr + x_off, mask=m_ok[:, None, None, None] & c_ok[None, :, None, None], other=0.0)
-    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_row + (offs_c[None, :] * SUB) // QBLOCK,
-                          n_ok[:, None] & c_ok[None, :], DOUBLE_QUANT)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
-    for k0 in range(0, K, STEP):
-        kn = k0 + STEP
-        cn_ok = (kn + offs_c * SUB) < K
-        byte_next = tl.load(packed_ptr + byte_off + kn // 2, mask=n_ok[:, None, None] & cn_ok[None, :, None], other=0)
-        xv_next = tl.load(x_ptr + x_off + kn, mask=m_ok[:, None, None, None] & cn_ok[None, :, None, None], other=0.0)
-        scale_next = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
-                                   block_row + (kn + offs_c[None, :] * SUB) // QBLOCK,
-                                   n_ok[:, None] & cn_ok[None, :], DOUBLE_QUANT)
-        w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
-        x_even, x_odd = tl.split(xv.to(tl.float32))  # (BLOCK_M, CHUNKS, HALF): elements 2h and 2h+1
-        part = tl.sum(w_hi[None, :, :, :] * x_even[:, None, :, :] + w_lo[None, :, :, :] * x_odd[:, None, :, :], axis=3)
-        acc += part * scale[None, :, :]
-        byte, xv, scale = byte_next, xv_next, scale_next
-    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
+    if PREFETCH:
+        # Software pipelining by hand: step k0 + STEP's loads are issued before step k0's math.
+        c_ok = offs_c * SUB < K
+        byte = tl.load(packed_ptr + byte_off, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+        xv = tl.load(x_row + pair_off, mask=c_ok[:, None], other=0)
+        for k0 in range(0, K, STEP):
+            kn = k0 + STEP
+            cn_ok = (kn + offs_c * SUB) < K
+            byte_next = tl.load(packed_ptr + byte_off + kn // 2, mask=n_ok[:, None, None] & cn_ok[None, :, None], other=0)
+            xv_next = tl.load(x_row + pair_off + kn // 2, mask=cn_ok[:, None], other=0)
+            c_ok = (k0 + offs_c * SUB) < K
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  block_row + (k0 + offs_c[None, :] * SUB) // QBLOCK, n_ok[:, None] & c_ok[None, :],
+                                  DOUBLE_QUANT)
+            w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+            x_even, x_odd = _unpair(xv, X_KIND)
+            acc += tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2) * scale
+            byte, xv = byte_next, xv_next
+    else:
+        for k0 in range(0, K, STEP):
+            c_ok = (k0 + offs_c * SUB) < K
+            byte = tl.load(packed_ptr + byte_off + k0 // 2, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+            xv = tl.load(x_row + pair_off + k0 // 2, mask=c_ok[:, None], other=0)
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  block_row + (k0 + offs_c[None, :] * SUB) // QBLOCK, n_ok[:, None] & c_ok[None, :],
+                                  DOUBLE_QUANT)
+            w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+            x_even, x_odd = _unpair(xv, X_KIND)
+            acc += tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2) * scale
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- fused GEMM
@@ -281,33 +312,26 @@ def _prune_matmul(configs, named_args, **kwargs):
 
 
 # (BLOCK_N, CHUNKS, num_warps): weight rows and 64-element sub-chunks per step.
-_GEMV_TILES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 4), (16, 1, 4), (16, 2, 4), (16, 4, 4),
-               (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4)]
+_GEMV_TILES = [(8, 2, 4), (8, 4, 4), (16, 2, 4), (16, 4, 4), (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4)]
 
 
 def _gemv_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": False}, num_warps=w) for bn, ch, w in _GEMV_TILES]
-
-
-def _prune_gemv(configs, named_args, **kwargs):
-    """Bound the (rows x weight rows x step) product the kernel holds in registers."""
-    rows = kwargs.get("BLOCK_M", 1)
-    kept = [c for c in configs if rows * c.kwargs["BLOCK_N"] * c.kwargs["CHUNKS"] * 32 <= 8192]
-    return kept or configs[:1]
+    return [triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": False, "PREFETCH": pf}, num_warps=w)
+            for bn, ch, w in _GEMV_TILES for pf in (False, True)]
 
 
 if not AUTOTUNE:
     _gemv = _bnb4_gemv_kernel
     _matmul = _bnb4_matmul_kernel
 else:
-    _gemv = triton.autotune(_gemv_configs(), key=["M_BUCKET", "N", "K"],
-                            prune_configs_by={"early_config_prune": _prune_gemv})(_bnb4_gemv_kernel)
+    _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
     _matmul = triton.autotune(
         _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
     )(_bnb4_matmul_kernel)
 
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
-_FIXED_GEMV = {"BLOCK_N": 16, "CHUNKS": 2, "PAIR": True}
+# (the interpreter runs programs one after another: few, large ones keep CI fast)
+_FIXED_GEMV = {"BLOCK_N": 64 if INTERPRET else 16, "CHUNKS": 4 if INTERPRET else 2, "PAIR": True, "PREFETCH": True}
 _FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -329,9 +353,9 @@ _CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, tor
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 # M at or below which each path is used (measured on the H100, see benchmarks/NOTES.md).
-GEMV_MAX_M = 16
+GEMV_MAX_M = 1
 DEQUANT_BLOCK_BYTES = 1024
-FUSED_MAX_M = 256
+FUSED_MAX_M = 1  # measured slower than dequantize + cuBLAS at every M >= 2 (NOTES.md v3)
 
 
 def _constants(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -455,19 +479,26 @@ def bnb4_linear(
     return out.reshape(*lead, n)
 
 
+_X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
+
+
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
     n, k = w.shape
     m = x2.shape[0]
     code, pair, dyn = _constants(w.quant_type, x2.device)
-    args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
-            m, n, k, x2.stride(0), out.stride(0), _m_bucket(m))
-    meta = dict(QBLOCK=w.block_size, SUB=min(w.block_size, 64), BLOCK_M=min(triton.next_power_of_2(m), 16),
+    kind, word = _X_KIND[x2.dtype]
+    if x2.stride(0) % 2 or x2.data_ptr() % (2 * x2.element_size()):
+        x2 = x2.clone()  # the pair view needs every row to start on a pair boundary
+    xp = x2.view(word)  # (M, K/2): element pairs, K is even
+    args = (xp, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
+            n, k, xp.stride(0), out.stride(0))
+    meta = dict(QBLOCK=w.block_size, SUB=min(w.block_size, 64), X_KIND=kind,
                 HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant)
-    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), m)  # noqa: E731
     if not AUTOTUNE:
         _gemv[grid_of(_FIXED_GEMV)](*args, **meta, **_FIXED_GEMV)
     else:
-        key = ("gemv", _m_bucket(m), n, k, x2.dtype, *meta.values())
+        key = ("gemv", n, k, x2.dtype, *meta.values())
         _run_tuned(_gemv, _bnb4_gemv_kernel, key, grid_of, args, meta)
 
 

@@ -28,47 +28,58 @@ import triton
 import triton.language as tl
 
 from . import bnb4_codec
+from .bnb4_linear import _X_KIND, _unpair
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _codes(s, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED: tl.constexpr):
+    """4-bit codes of scaled values: the count of midpoints strictly below, through ``order``."""
+    pos = ((s > t0).to(tl.int32) + (s > t1).to(tl.int32) + (s > t2).to(tl.int32) + (s > t3).to(tl.int32)
+           + (s > t4).to(tl.int32) + (s > t5).to(tl.int32) + (s > t6).to(tl.int32) + (s > t7).to(tl.int32)
+           + (s > t8).to(tl.int32) + (s > t9).to(tl.int32) + (s > t10).to(tl.int32) + (s > t11).to(tl.int32)
+           + (s > t12).to(tl.int32) + (s > t13).to(tl.int32) + (s > t14).to(tl.int32))
+    if SORTED:  # NF4: the sorted position is the code
+        return pos.to(tl.uint8)
+    return tl.load(order_ptr + pos).to(tl.uint8)
+
+
+@triton.jit
 def _bnb4_quantize_kernel(
-    x_ptr, packed_ptr, absmax_ptr, order_ptr, numel, num_blocks, tiny,
+    xp_ptr, packed_ptr, absmax_ptr, order_ptr, numel, num_blocks, tiny,
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
-    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, SORTED: tl.constexpr,
+    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, SORTED: tl.constexpr, X_KIND: tl.constexpr,
 ):
+    """x is read as element pairs (``xp``, see ``bnb4_linear._unpair``): word j holds elements 2j
+    and 2j+1, which become byte j's high and low nibble, so the packing needs no shuffles."""
     HALF: tl.constexpr = QBLOCK // 2
     first = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
     blocks = first + tl.arange(0, BLOCKS_PER_PROGRAM)
-    offs = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)
+    word = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    word_ok = word < (numel + 1) // 2
+    even, odd = _unpair(tl.load(xp_ptr + word, mask=word_ok, other=0), X_KIND)
+    absmax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
     clamped = tl.maximum(absmax, tiny)  # tiny = 1e-38, a float32 denormal: passed in, not a literal
     recip = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), clamped)
     if (first + BLOCKS_PER_PROGRAM >= num_blocks) & (numel % QBLOCK != 0):
         # the program holding bitsandbytes' short last block: that block divides and stores
         # the clamped absmax (module header); a per-element division everywhere would cost
         # more than the whole rest of the kernel
-        short = blocks == num_blocks - 1
-        tl.store(absmax_ptr + blocks, tl.where(short, clamped, absmax), mask=blocks < num_blocks)
-        s = tl.where(short[:, None], tl.math.div_rn(x, clamped[:, None]), x * recip[:, None])
+        last = blocks == num_blocks - 1
+        tl.store(absmax_ptr + blocks, tl.where(last, clamped, absmax), mask=blocks < num_blocks)
+        short = last[:, None]
+        s_even = tl.where(short, tl.math.div_rn(even, clamped[:, None]), even * recip[:, None])
+        s_odd = tl.where(short, tl.math.div_rn(odd, clamped[:, None]), odd * recip[:, None])
     else:
         tl.store(absmax_ptr + blocks, absmax, mask=blocks < num_blocks)
-        s = x * recip[:, None]
-    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
-    pos = ((s > t0).to(tl.int32) + (s > t1).to(tl.int32) + (s > t2).to(tl.int32) + (s > t3).to(tl.int32)
-           + (s > t4).to(tl.int32) + (s > t5).to(tl.int32) + (s > t6).to(tl.int32) + (s > t7).to(tl.int32)
-           + (s > t8).to(tl.int32) + (s > t9).to(tl.int32) + (s > t10).to(tl.int32) + (s > t11).to(tl.int32)
-           + (s > t12).to(tl.int32) + (s > t13).to(tl.int32) + (s > t14).to(tl.int32))
-    if SORTED:  # NF4: the sorted position is the code
-        code = pos.to(tl.uint8)
-    else:
-        code = tl.load(order_ptr + pos).to(tl.uint8)
-    hi, lo = tl.split(tl.reshape(code, (BLOCKS_PER_PROGRAM, HALF, 2)))
-    byte = (hi << 4) | lo
-    byte_offs = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    tl.store(packed_ptr + byte_offs, byte, mask=byte_offs < (numel + 1) // 2)
+        s_even = even * recip[:, None]
+        s_odd = odd * recip[:, None]
+    s_even = tl.minimum(tl.maximum(s_even, -1.0), 1.0)
+    s_odd = tl.minimum(tl.maximum(s_odd, -1.0), 1.0)
+    hi = _codes(s_even, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED)
+    lo = _codes(s_odd, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED)
+    tl.store(packed_ptr + word, (hi << 4) | lo, mask=word_ok)
 
 
 _TABLES: dict[tuple[str, torch.device], tuple[list[float], torch.Tensor]] = {}
@@ -99,9 +110,10 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"bnb4 quantize: dtype: expected float16, bfloat16 or float32, got {x.dtype}")
     flat = x.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
     numel = flat.numel()
+    if numel % 2 or not flat.is_contiguous() or flat.data_ptr() % (2 * flat.element_size()):
+        # the kernel reads element pairs: pad an odd count with the 0.0 bitsandbytes pads with
+        flat = torch.cat([flat, flat.new_zeros(numel % 2)])
     num_blocks = -(-numel // block_size)
     if out is None:
         packed = torch.empty(((numel + 1) // 2, 1), device=x.device, dtype=torch.uint8)
@@ -116,9 +128,10 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
     per_program = max(1, min(16, 2048 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
     grid = (triton.cdiv(num_blocks, per_program),)
     if numel:
-        _bnb4_quantize_kernel[grid](flat, packed, absmax, order, numel, num_blocks, 1e-38, *thresholds,
+        kind, word = _X_KIND[flat.dtype]
+        _bnb4_quantize_kernel[grid](flat.view(word), packed, absmax, order, numel, num_blocks, 1e-38, *thresholds,
                                     QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program,
-                                    SORTED=quant_type == "nf4", num_warps=4)
+                                    SORTED=quant_type == "nf4", X_KIND=kind, num_warps=4)
     if not nested:
         return packed, absmax
     codes, nested_absmax, offset = bnb4_codec.quantize_nested_absmax(absmax)

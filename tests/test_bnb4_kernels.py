@@ -92,6 +92,18 @@ def test_linear_3d_input_odd_n_and_large_block(path):
     check_linear(x, weight, bias, path, torch.bfloat16)
 
 
+def test_gemv_without_prefetch(monkeypatch):
+    """The GEMV's un-pipelined variant (an autotune candidate) on the fixed-config path."""
+    import comfy_lowbit.kernels.bnb4_linear as lin
+
+    if lin.AUTOTUNE:
+        pytest.skip("runs with COMFY_LOWBIT_AUTOTUNE=0 or the interpreter")
+    monkeypatch.setitem(lin._FIXED_GEMV, "PREFETCH", False)
+    weight = make_weight(N, K, "fp4", True, seed=61)
+    x = outlier_matrix(3, K, seed=62).to(KERNEL_DEVICE, torch.float16)
+    check_linear(x, weight, None, "gemv", torch.float16)
+
+
 def test_dispatch_covers_every_m():
     assert [choose_path(m) for m in (1, 2, 16, 256, 257, 16384)][0] == "gemv"
     assert {choose_path(m) for m in (1, 2, 100, 5000)} <= set(PATHS)
