@@ -352,10 +352,9 @@ def _run_tuned(tuner, kernel, key: tuple, grid_of, args: tuple, meta: dict) -> N
 _CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-# M at or below which each path is used (measured on the H100, see benchmarks/NOTES.md).
+# Largest M served by the GEMV (measured on the H100, see benchmarks/NOTES.md).
 GEMV_MAX_M = 1
 DEQUANT_BLOCK_BYTES = 1024
-FUSED_MAX_M = 1  # measured slower than dequantize + cuBLAS at every M >= 2 (NOTES.md v3)
 
 
 def _constants(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -429,11 +428,9 @@ def _m_bucket(m: int) -> int:
 
 
 def choose_path(m: int) -> str:
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    if m <= FUSED_MAX_M:
-        return "fused"
-    return "dequant_cublas"
+    """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
+    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3)."""
+    return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
 
 
 def bnb4_linear(
