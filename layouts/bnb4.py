@@ -34,8 +34,6 @@ import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
 from ..kernels import bnb4_codec as codec
-from ..kernels.bnb4_linear import ACTIVATION_DTYPES, Bnb4Weight, bnb4_linear
-from ..kernels.bnb4_quantize import bnb4_quantize
 from .base import LowBitLayout, format_error, reference_linear
 
 logger = logging.getLogger(__name__)
@@ -135,7 +133,9 @@ class Bnb4Layout(LowBitLayout):
     @classmethod
     def _quantize_blocks(cls, tensor: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed, float32 absmax): the Triton kernel on CUDA (bit-exact with the codec), else the codec."""
-        if tensor.is_cuda:
+        if tensor.is_cuda:  # imported here: Triton is only needed (and only installed) where CUDA is
+            from ..kernels.bnb4_quantize import bnb4_quantize
+
             packed, absmax = bnb4_quantize(tensor, block_size, cls.QUANT_TYPE)
             if not torch.isfinite(absmax).all():  # the codec's check, from the absmax at no extra pass
                 raise ValueError("cannot quantize a tensor that contains NaN or Inf")
@@ -155,8 +155,10 @@ class Bnb4Layout(LowBitLayout):
         by the number of rows), the reference path (dequantize, then ``F.linear``) elsewhere."""
         params = weight._params
         shape = params.orig_shape
-        if (x.is_cuda and x.dtype in ACTIVATION_DTYPES and len(shape) == 2 and shape[1] % params.block_size == 0
+        if (x.is_cuda and x.dtype in FLOAT_DTYPES.values() and len(shape) == 2 and shape[1] % params.block_size == 0
                 and weight._qdata.is_cuda):
+            from ..kernels.bnb4_linear import Bnb4Weight, bnb4_linear
+
             w = Bnb4Weight(weight._qdata, params.scale, shape, params.block_size, cls.QUANT_TYPE,
                            params.nested_absmax, params.nested_offset)
             return bnb4_linear(x, w, bias)
