@@ -12,6 +12,8 @@ import sys
 
 COMMANDS = (
     ("demo", ".demo", "quantize a small random transformer into every format and compare"),
+    ("convert", ".convert.cli", "convert a safetensors checkpoint to NF4/FP4/INT8/W4A4, streaming"),
+    ("inspect", ".convert.inspect_command", "show what a safetensors checkpoint holds, layer by layer"),
 )
 
 

@@ -11,9 +11,15 @@ from comfy_kitchen.tensor import get_layout_class, register_layout_class
 from .base import LowBitLayout, QuantFormatError, reference_linear
 from .bnb4 import FP4Layout, NF4Layout
 from .comfy_quant import decode_config, encode_config, layer_state_dict, load_layer, quantized_layers
+from .int8_lodewise import BlockWiseINT8LayoutLodeWise
 from .w4a4 import W4A4Layout
 
-LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (NF4Layout, FP4Layout, W4A4Layout)
+LAYOUT_CLASSES: tuple[type[LowBitLayout], ...] = (
+    NF4Layout,
+    FP4Layout,
+    BlockWiseINT8LayoutLodeWise,
+    W4A4Layout,
+)
 
 FORMATS: dict[str, type[LowBitLayout]] = {cls.FORMAT: cls for cls in LAYOUT_CLASSES}
 

@@ -13,8 +13,9 @@ A weight of any shape, flattened row-major, in blocks of ``block_size`` values
   ``compress_statistics``.
 
 ``dequantize`` gives ``codebook[code] * absmax[block]`` in ``orig_dtype``, bit-exact with
-``bitsandbytes.functional.dequantize_4bit``; ``linear`` is that followed by ``F.linear``
-until a kernel claims the call.
+``bitsandbytes.functional.dequantize_4bit``; ``linear`` runs the Triton W4A16 kernels on CUDA
+(``kernels/bnb4_linear.py``) and that followed by ``F.linear`` elsewhere; quantizing a CUDA
+tensor runs the Triton quantize kernel (``kernels/bnb4_quantize.py``).
 
 File entries for a layer ``L`` (suffixes from ``state_dict_tensors``):
 ``L.weight`` (packed uint8), ``L.weight_absmax``, and with double quant
@@ -24,6 +25,7 @@ File entries for a layer ``L`` (suffixes from ``state_dict_tensors``):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -33,6 +35,8 @@ from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
 from ..kernels import bnb4_codec as codec
 from .base import LowBitLayout, format_error, reference_linear
+
+logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -128,7 +132,14 @@ class Bnb4Layout(LowBitLayout):
 
     @classmethod
     def _quantize_blocks(cls, tensor: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed, float32 absmax): the one place a GPU quantize kernel plugs in."""
+        """(packed, float32 absmax): the Triton kernel on CUDA (bit-exact with the codec), else the codec."""
+        if tensor.is_cuda:  # imported here: Triton is only needed (and only installed) where CUDA is
+            from ..kernels.bnb4_quantize import bnb4_quantize
+
+            packed, absmax = bnb4_quantize(tensor, block_size, cls.QUANT_TYPE)
+            if not torch.isfinite(absmax).all():  # the codec's check, from the absmax at no extra pass
+                raise ValueError("cannot quantize a tensor that contains NaN or Inf")
+            return packed, absmax
         return codec.quantize_4bit(tensor, block_size, cls.QUANT_TYPE)
 
     @classmethod
@@ -140,7 +151,18 @@ class Bnb4Layout(LowBitLayout):
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + bias``: the reference path (dequantize, then ``F.linear``) on every device."""
+        """``x @ W.T + bias``: the Triton kernels on CUDA (``kernels/bnb4_linear.py`` picks one
+        by the number of rows), the reference path (dequantize, then ``F.linear``) elsewhere."""
+        params = weight._params
+        shape = params.orig_shape
+        if (x.is_cuda and x.dtype in FLOAT_DTYPES.values() and len(shape) == 2 and shape[1] % params.block_size == 0
+                and weight._qdata.is_cuda):
+            from ..kernels.bnb4_linear import Bnb4Weight, bnb4_linear
+
+            w = Bnb4Weight(weight._qdata, params.scale, shape, params.block_size, cls.QUANT_TYPE,
+                           params.nested_absmax, params.nested_offset)
+            return bnb4_linear(x, w, bias)
+        logger.debug("%s linear on %s/%s, weight %s: reference path", cls.FORMAT, x.device.type, x.dtype, shape)
         return reference_linear(x, weight, bias)
 
     @classmethod

@@ -1,0 +1,558 @@
+"""W4A16 linear for the bitsandbytes NF4/FP4 layouts: ``y = x @ W.T + bias`` with W stored in 4 bits.
+
+Storage (bitsandbytes, see ``bnb4_codec``), for a weight of shape (N, K), K a multiple of the
+quantization block B (64 by default):
+
+* ``packed``: uint8, ``N*K/2`` bytes, the row-major flattening of W; byte ``j`` holds element
+  ``2j`` in bits 7..4 (high nibble) and element ``2j+1`` in bits 3..0. Row ``n`` of W is bytes
+  ``[n*K/2, (n+1)*K/2)``, so element (n, k) is in byte ``n*K/2 + k//2``.
+* each nibble is an index into a 16-entry float32 codebook (NF4 or FP4; the kernels take the
+  codebook as a tensor, so one kernel family serves both).
+* block absmax, one per B consecutive elements (block ``(n*K + k) // B = n*K/B + k//B``), either
+  float32, or double-quantised: a uint8 code per block, one float32 ``nested_absmax`` per 256
+  blocks and a float32 ``offset``, decoded as
+  ``absmax[i] = DYNAMIC_MAP_SIGNED[code[i]] * nested_absmax[i // 256] + offset``.
+
+Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
+``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
+
+Three paths; ``choose_path`` picks by the number of rows M of x, from the H100 measurements
+in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for M >= 2):
+
+* ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading
+  each packed byte once; x is read as element pairs so its tile indexes like the byte tile;
+  nibbles are decoded through the codebook, each quantization block's partial dot product is
+  scaled by its absmax once (so the absmax, nested or not, costs one decode per block), and
+  the sum stays in float32. Small row tiles give enough programs to fill the GPU even when N
+  is small, so no split-K (whose extra zero/reduce launches would cost more than a GEMV of
+  these sizes takes). An autotuned variant issues the next step's loads before the math.
+* ``fused``: a tensor-core GEMM that dequantizes the W tile in the main loop. It computes the
+  transposed product ``y.T[n, m] = W[n, :] . x[m, :]`` so the dequantized W tile (made in
+  registers) is the left operand and its rows fill the MMA's M dimension even when x has a
+  single 16-row tile. Measured slower than dequantize + cuBLAS at every M on the H100, so
+  only reachable with ``path="fused"``; kept, tested and benchmarked as the baseline a
+  better fused kernel has to beat.
+* ``dequant_cublas``: a bandwidth-bound dequantize of the whole W into a scratch buffer
+  reused between calls (0.82 of copy bandwidth), then cuBLAS with the bias in its epilogue.
+
+``reference_bnb4_linear`` (dequantize with ``bnb4_codec`` + ``F.linear`` in float32) is what the
+kernels are tested against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import bnb4_codec
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning compiles every config for every constexpr combination; the GPU tests, which cover
+# many such combinations, set COMFY_LOWBIT_AUTOTUNE=0 to use the fixed configs below instead.
+AUTOTUNE = not INTERPRET and os.environ.get("COMFY_LOWBIT_AUTOTUNE", "1") != "0"
+
+_TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+ACTIVATION_DTYPES = tuple(_TORCH_TO_TL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bnb4Weight:
+    """The tensors and sizes of one bitsandbytes 4-bit weight of shape (N, K), as stored.
+
+    ``absmax`` is float32 (one per block) or, when double-quantised, uint8 codes with
+    ``nested_absmax`` (float32, one per 256 blocks) and ``offset`` (float32, 0-d) beside it.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    block_size: int
+    quant_type: str
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """absmax of quantization block(s) ``block`` (any shape), decoding double quant if present."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
+        return tl.load(dyn_ptr + code) * nested + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _decode(code_ptr, pair_ptr, byte, PAIR: tl.constexpr):
+    """Codebook values (float32) of the high and low nibble of each byte.
+
+    PAIR: one 8-byte gather per byte from a 256-entry table of (code[hi], code[lo]) float32
+    pairs instead of two 4-byte gathers from the 16-entry codebook (half the load
+    instructions; both tables sit in L1).
+    """
+    if PAIR:
+        pair = tl.load(pair_ptr + byte)
+        w_hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        w_hi = tl.load(code_ptr + (byte >> 4))
+        w_lo = tl.load(code_ptr + (byte & 15))
+    return w_hi, w_lo
+
+
+# ----------------------------------------------------------------------------- GEMV (M = 1)
+
+
+@triton.jit
+def _unpair(v, X_KIND: tl.constexpr):
+    """(x[2j], x[2j+1]) in float32 from the word holding both (little-endian: 2j in the low half).
+
+    X_KIND 0: bf16 pair in an int32, 1: fp16 pair in an int32, 2: fp32 pair in an int64.
+    Loading x as pairs gives a tile with exactly the shape and indexing of the packed-byte
+    tile (byte j holds elements 2j and 2j+1), so no reshape/split shuffles are needed.
+    """
+    if X_KIND == 0:
+        even = (v << 16).to(tl.float32, bitcast=True)
+        odd = (v & -65536).to(tl.float32, bitcast=True)
+    elif X_KIND == 1:
+        even = (v & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        even = v.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _bnb4_gemv_kernel(
+    xp_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
+    N, K, stride_xpm, stride_om,
+    QBLOCK: tl.constexpr,  # quantization block size B
+    SUB: tl.constexpr,  # elements per sub-chunk sharing one absmax: min(B, 64)
+    CHUNKS: tl.constexpr,  # sub-chunks per loop iteration
+    BLOCK_N: tl.constexpr,
+    X_KIND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    PAIR: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One row of x (program axis 1) against BLOCK_N rows of W; xp = x viewed as element pairs."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    HALF: tl.constexpr = SUB // 2
+    STEP: tl.constexpr = CHUNKS * SUB
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_c = tl.arange(0, CHUNKS)
+    offs_h = tl.arange(0, HALF)
+    # byte (n, c, h) and x pair (c, h) of one step: both hold elements k0 + c*SUB + 2h, +1
+    byte_off = offs_n[:, None, None] * (K // 2) + offs_c[None, :, None] * HALF + offs_h[None, None, :]
+    pair_off = offs_c[:, None] * HALF + offs_h[None, :]
+    x_row = xp_ptr + row * stride_xpm
+    block_row = offs_n[:, None] * (K // QBLOCK)
+    acc = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
+    if PREFETCH:
+        # Software pipelining by hand: step k0 + STEP's loads are issued before step k0's math.
+        c_ok = offs_c * SUB < K
+        byte = tl.load(packed_ptr + byte_off, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+        xv = tl.load(x_row + pair_off, mask=c_ok[:, None], other=0)
+        for k0 in range(0, K, STEP):
+            kn = k0 + STEP
+            cn_ok = (kn + offs_c * SUB) < K
+            byte_next = tl.load(packed_ptr + byte_off + kn // 2, mask=n_ok[:, None, None] & cn_ok[None, :, None], other=0)
+            xv_next = tl.load(x_row + pair_off + kn // 2, mask=cn_ok[:, None], other=0)
+            c_ok = (k0 + offs_c * SUB) < K
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  block_row + (k0 + offs_c[None, :] * SUB) // QBLOCK, n_ok[:, None] & c_ok[None, :],
+                                  DOUBLE_QUANT)
+            w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+            x_even, x_odd = _unpair(xv, X_KIND)
+            acc += tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2) * scale
+            byte, xv = byte_next, xv_next
+    else:
+        for k0 in range(0, K, STEP):
+            c_ok = (k0 + offs_c * SUB) < K
+            byte = tl.load(packed_ptr + byte_off + k0 // 2, mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)
+            xv = tl.load(x_row + pair_off + k0 // 2, mask=c_ok[:, None], other=0)
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  block_row + (k0 + offs_c[None, :] * SUB) // QBLOCK, n_ok[:, None] & c_ok[None, :],
+                                  DOUBLE_QUANT)
+            w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+            x_even, x_odd = _unpair(xv, X_KIND)
+            acc += tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2) * scale
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------- fused GEMM
+
+
+@triton.jit
+def _bnb4_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, M_BUCKET,  # M_BUCKET: only an autotune key
+    QBLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    PAIR: tl.constexpr,
+):
+    # Program order: GROUP_M tiles of rows of x share the sweep over N, so the x rows stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    byte_ptrs = packed_ptr + offs_n[:, None] * (K // 2) + offs_h[None, :]
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # x.T tile (BLOCK_K, BLOCK_M)
+    # The interpreter (Triton 3.9) returns garbage for 16-bit tl.dot: upcast there only.
+    op_dtype = tl.float32 if INTERPRETED else x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = tl.load(byte_ptrs + k0 // 2, mask=n_ok[:, None], other=0)
+        xt = tl.load(xt_ptrs + k0, mask=m_ok[None, :], other=0.0).to(op_dtype)
+        w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+        if BLOCK_K <= QBLOCK:  # the whole K step lies in one quantization block per row
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  offs_n * (K // QBLOCK) + k0 // QBLOCK, n_ok, DOUBLE_QUANT)[:, None]
+        else:
+            scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr,
+                                  offs_n[:, None] * (K // QBLOCK) + (k0 + 2 * offs_h[None, :]) // QBLOCK,
+                                  n_ok[:, None], DOUBLE_QUANT)
+        # back into K order: (BLOCK_N, HALF_K, 2) -> (BLOCK_N, BLOCK_K), high nibble first
+        w = tl.reshape(tl.join((w_hi * scale).to(op_dtype), (w_lo * scale).to(op_dtype)), (BLOCK_N, BLOCK_K))
+        acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+@triton.jit
+def _bnb4_dequantize_kernel(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, pair_ptr, out_ptr, num_bytes,
+    QBLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PAIR: tl.constexpr,
+):
+    """Whole-weight dequantize, flat: out[2j], out[2j + 1] from byte j (N*K is even).
+
+    Flat 1-D tiles measured 10x faster than (rows, 32 bytes) tiles on the H100 (v1 vs v2 in
+    benchmarks/NOTES.md): the joined (BLOCK_BYTES, 2) result stores as contiguous vectors.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    ok = offs < num_bytes
+    byte = tl.load(packed_ptr + offs, mask=ok, other=0)
+    scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (2 * offs) // QBLOCK, ok, DOUBLE_QUANT)
+    w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
+    out_ty = out_ptr.dtype.element_ty
+    w = tl.join((w_hi * scale).to(out_ty), (w_lo * scale).to(out_ty))  # (BLOCK_BYTES, 2)
+    out_offs = 2 * offs[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(out_ptr + out_offs, w, mask=ok[:, None])
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+
+def _matmul_configs() -> list[triton.Config]:
+    """Small set: skinny tiles for small M (16-32 weight rows give enough CTAs when N is small),
+    wgmma-sized tiles for large M; BLOCK_K 128 halves the loop trips for skinny tiles."""
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (16, 16, 64, 4, 4), (16, 32, 64, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 4, 3), (16, 64, 128, 4, 3),
+        (32, 32, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]:
+        for pair in (False, True):
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PAIR": pair},
+                                         num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune_matmul(configs, named_args, **kwargs):
+    """Keep only tiles that fit the M bucket (a 256-row tile for 16 rows is wasted work)."""
+    bucket, k = named_args["M_BUCKET"], named_args["K"]
+    kept = []
+    for c in configs:
+        if c.kwargs["BLOCK_M"] > max(16, bucket):
+            continue
+        if k % c.kwargs["BLOCK_K"]:  # the K loop has no tail: fall back to the largest step dividing K
+            c = triton.Config({**c.kwargs, "BLOCK_K": min(64, k & -k)}, num_warps=c.num_warps, num_stages=c.num_stages)
+        kept.append(c)
+    return kept or configs[:1]
+
+
+# (BLOCK_N, CHUNKS, num_warps): weight rows and 64-element sub-chunks per step.
+_GEMV_TILES = [(8, 2, 4), (8, 4, 4), (16, 2, 4), (16, 4, 4), (16, 8, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4)]
+
+
+def _gemv_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "PAIR": False, "PREFETCH": pf}, num_warps=w)
+            for bn, ch, w in _GEMV_TILES for pf in (False, True)]
+
+
+if not AUTOTUNE:
+    _gemv = _bnb4_gemv_kernel
+    _matmul = _bnb4_matmul_kernel
+else:
+    _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
+    _matmul = triton.autotune(
+        _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
+    )(_bnb4_matmul_kernel)
+
+# Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
+# (the interpreter runs programs one after another: few, large ones keep CI fast)
+_FIXED_GEMV = {"BLOCK_N": 64 if INTERPRET else 16, "CHUNKS": 4 if INTERPRET else 2, "PAIR": True, "PREFETCH": True}
+_FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _run_tuned(tuner, kernel, key: tuple, grid_of, args: tuple, meta: dict) -> None:
+    """Launch through the autotuner on a key's first call, then straight through the jit
+    kernel with the config it chose: the autotuner's per-call Python costs ~10s of us."""
+    best = _BEST.get(key)
+    if best is None:
+        tuner[grid_of](*args, **meta)
+        _BEST[key] = tuner.best_config
+        return
+    kernel[grid_of(best.kwargs)](*args, **meta, **best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+# Largest M served by the GEMV (measured on the H100, see benchmarks/NOTES.md).
+GEMV_MAX_M = 1
+DEQUANT_BLOCK_BYTES = 1024
+
+
+def _constants(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebook, byte -> value-pair table, signed dynamic map) on ``device``, made once per device.
+
+    The pair table holds, for each byte, the float32 bits of code[hi] in its upper and of
+    code[lo] in its lower 32 bits (int64).
+    """
+    key = (quant_type, device)
+    if key not in _CONSTANTS:
+        code = bnb4_codec.codebook(quant_type).to(torch.float32).contiguous()
+        bits = code.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        byte = torch.arange(256)
+        pair = (bits[byte >> 4] << 32) | bits[byte & 15]
+        _CONSTANTS[key] = (code.to(device), pair.to(device),
+                           bnb4_codec.DYNAMIC_MAP_SIGNED.to(device=device, dtype=torch.float32).contiguous())
+    return _CONSTANTS[key]
+
+
+def _fail(what: str, expected, got) -> None:
+    raise ValueError(f"bnb4 linear: {what}: expected {expected}, got {got}")
+
+
+def check_inputs(x: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None) -> None:
+    """Shape/dtype/device checks, once per call at the launcher, with expected-vs-got messages.
+
+    Messages are only formatted on failure: this runs on every forward call.
+    """
+    n, k = w.shape
+    b = w.block_size
+    if w.quant_type not in ("nf4", "fp4"):
+        _fail("quant_type", "'nf4' or 'fp4'", repr(w.quant_type))
+    if b < 32 or b & (b - 1):
+        _fail("block_size", "a power of two >= 32", b)
+    if k % b:
+        _fail("in_features K", f"a multiple of the block size {b}", k)
+    if x.dtype not in ACTIVATION_DTYPES:
+        _fail("activation dtype", "float16, bfloat16 or float32", x.dtype)
+    if x.shape[-1] != k:
+        _fail("activation last dim", k, tuple(x.shape))
+    if w.packed.dtype != torch.uint8 or w.packed.numel() * 2 != n * k:
+        _fail("packed weight", f"uint8 with {n * k // 2} elements", f"{w.packed.dtype} with {w.packed.numel()}")
+    nblocks = n * k // b
+    if w.absmax.numel() != nblocks:
+        _fail("absmax", f"{nblocks} values", w.absmax.numel())
+    if w.nested_absmax is not None:
+        if w.absmax.dtype != torch.uint8:
+            _fail("double-quantised absmax codes", torch.uint8, w.absmax.dtype)
+        if w.nested_absmax.numel() != -(-nblocks // 256):
+            _fail("nested_absmax", f"{-(-nblocks // 256)} values", w.nested_absmax.numel())
+        if w.offset is None or w.offset.numel() != 1:
+            _fail("offset", "one value", None if w.offset is None else w.offset.numel())
+    elif w.absmax.dtype != torch.float32:
+        _fail("absmax dtype", torch.float32, w.absmax.dtype)
+    if bias is not None and bias.shape != (n,):
+        _fail("bias shape", (n,), tuple(bias.shape))
+    device = x.device
+    for name, t in (("packed", w.packed), ("absmax", w.absmax), ("bias", bias)):
+        if t is not None and t.device != device:
+            _fail(f"{name} device", device, t.device)
+
+
+def _absmax_args(w: Bnb4Weight, dyn: torch.Tensor):
+    if w.double_quant:
+        return w.absmax, w.nested_absmax, w.offset.reshape(1).float(), dyn
+    return w.absmax, w.absmax, w.absmax, dyn  # unused pointers
+
+
+def _m_bucket(m: int) -> int:
+    return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 1024)
+
+
+def choose_path(m: int) -> str:
+    """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
+    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3)."""
+    return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
+
+
+def bnb4_linear(
+    x: torch.Tensor,
+    w: Bnb4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for x of shape (..., K) in fp16/bf16/fp32; output in x's dtype.
+
+    ``path`` forces one of ``gemv``/``fused``/``dequant_cublas`` (benchmarks, tests); ``out``
+    (contiguous, (M, N) with M the rows of x) lets tests hand in a poisoned buffer.
+    """
+    check_inputs(x, w, bias)
+    n, k = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        if out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+            _fail("out", f"contiguous {(m, n)} {x.dtype}", f"{tuple(out.shape)} {out.dtype} {out.stride()}")
+    if m == 0:
+        return out.reshape(*lead, n)
+    path = path or choose_path(m)
+    if path == "gemv":
+        _launch_gemv(x2, w, bias, out)
+    elif path == "fused":
+        _launch_matmul(x2, w, bias, out)
+    elif path == "dequant_cublas":
+        weight = dequantize(w, x.dtype, scratch=True)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=out)
+        else:  # cuBLASLt fuses a 1-D bias into its epilogue
+            torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
+    else:
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'fused' or 'dequant_cublas', got {path!r}")
+    return out.reshape(*lead, n)
+
+
+_X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
+
+
+def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
+    n, k = w.shape
+    m = x2.shape[0]
+    code, pair, dyn = _constants(w.quant_type, x2.device)
+    kind, word = _X_KIND[x2.dtype]
+    if x2.stride(0) % 2 or x2.data_ptr() % (2 * x2.element_size()):
+        x2 = x2.clone()  # the pair view needs every row to start on a pair boundary
+    xp = x2.view(word)  # (M, K/2): element pairs, K is even
+    args = (xp, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
+            n, k, xp.stride(0), out.stride(0))
+    meta = dict(QBLOCK=w.block_size, SUB=min(w.block_size, 64), X_KIND=kind,
+                HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant)
+    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), m)  # noqa: E731
+    if not AUTOTUNE:
+        _gemv[grid_of(_FIXED_GEMV)](*args, **meta, **_FIXED_GEMV)
+    else:
+        key = ("gemv", n, k, x2.dtype, *meta.values())
+        _run_tuned(_gemv, _bnb4_gemv_kernel, key, grid_of, args, meta)
+
+
+def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
+    n, k = w.shape
+    m = x2.shape[0]
+    code, pair, dyn = _constants(w.quant_type, x2.device)
+    args = (x2, w.packed, *_absmax_args(w, dyn), code, pair, bias if bias is not None else out, out,
+            m, n, k, x2.stride(0), out.stride(0), _m_bucket(m))
+    meta = dict(QBLOCK=w.block_size, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant,
+                DOT_PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32",
+                INTERPRETED=INTERPRET)
+    grid_of = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+    if not AUTOTUNE:
+        _matmul[grid_of(_FIXED_MATMUL)](*args, **meta, **{**_FIXED_MATMUL, "BLOCK_K": min(64, k & -k)})
+    else:
+        key = ("fused", _m_bucket(m), n, k, x2.dtype, *meta.values())
+        _run_tuned(_matmul, _bnb4_matmul_kernel, key, grid_of, args, meta)
+
+
+def dequantize(w: Bnb4Weight, dtype: torch.dtype, scratch: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight (N, K) in ``dtype``; with ``scratch`` into a per-(device, dtype) buffer
+    reused by the next call (valid until then; callers on one stream only)."""
+    n, k = w.shape
+    numel = n * k
+    device = w.packed.device
+    if out is not None:
+        if out.numel() != numel or out.dtype != dtype or not out.is_contiguous():
+            _fail("dequantize out", f"contiguous {numel} elements of {dtype}", f"{out.numel()} of {out.dtype}")
+        out = out.view(-1)
+    elif scratch:
+        buf = _SCRATCH.get((device, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = _SCRATCH[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+        out = buf[:numel]
+    else:
+        out = torch.empty(numel, device=device, dtype=dtype)
+    code, pair, dyn = _constants(w.quant_type, device)
+    block_bytes = 256 if INTERPRET else DEQUANT_BLOCK_BYTES
+    grid = (triton.cdiv(numel // 2, block_bytes),)
+    _bnb4_dequantize_kernel[grid](w.packed, *_absmax_args(w, dyn), code, pair, out, numel // 2,
+                                  QBLOCK=w.block_size, BLOCK_BYTES=block_bytes, DOUBLE_QUANT=w.double_quant,
+                                  PAIR=False, num_warps=4)
+    return out.view(n, k)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_dequantize(w: Bnb4Weight) -> torch.Tensor:
+    """W (N, K) in float32 through the plain-PyTorch codec."""
+    absmax = w.absmax
+    if w.double_quant:
+        absmax = bnb4_codec.dequantize_nested_absmax(w.absmax, w.nested_absmax, w.offset)
+    return bnb4_codec.dequantize_4bit(w.packed, absmax, w.block_size, w.quant_type, w.shape, torch.float32)
+
+
+def reference_bnb4_linear(x: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernels compute, in float32: dequantize with the codec, then ``F.linear``."""
+    return F.linear(x.float(), reference_dequantize(w), None if bias is None else bias.float())

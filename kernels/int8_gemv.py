@@ -1,0 +1,143 @@
+"""Weight-only int8 GEMV for one row of activations, and its reference.
+
+Operands: ``x`` (1, K) bf16/fp16/fp32, weight ``w_q`` int8 (N, K) with ``w_scale`` fp32
+(N, K // B) (any strides; the layout keeps it contiguous along N), B = 64/128/256.
+
+Math: ``out[n] = sum_b w_scale[n, b] * sum_{k in b} x[k] * w_q[n, k] (+ bias[n])``, all in
+fp32 on CUDA cores: a single row gives tensor cores nothing to do, the time is the weight
+read (1 byte per element). Codes become fp32 with an integer add and a float subtract
+(``int8_to_float``), not the conversion unit, which would take longer than the read.
+
+Each program owns BLOCK_N weight rows (of one K slice, when N is too narrow to give every SM
+several programs) and walks K in steps of ``STEP_BLOCKS`` quantization
+blocks, issuing the step's loads before any arithmetic so that several 16-byte loads per
+thread are in flight. Everything is 2-D (rows x K), so x is loaded straight into the
+layout the products need, with no shuffles through shared memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int8_gemm import INTERPRETING, OUT_DTYPES, autotuning, int8_to_float, w8a16_reference
+
+w8a16_gemv_reference = w8a16_reference
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    N, K, stride_wn, stride_wsn, stride_wsk,
+    HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
+):
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) over the s-th of SPLIT slices of the K
+    blocks. SPLIT == 1 writes the output; otherwise fp32 partials (SPLIT, N) for
+    ``_split_k_sum``, so that a narrow N still gives every SM several programs."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    wn = offs_n % N  # out-of-range rows read a valid row; masked at the store
+    offs_k = tl.arange(0, QBLOCK)
+    w_rows = w_ptr + wn[:, None].to(tl.int64) * stride_wn
+    s_rows = w_scale_ptr + wn * stride_wsn
+    num_blocks = K // QBLOCK
+    per_split = tl.cdiv(num_blocks, SPLIT)
+    kb_begin = split * per_split
+    kb_end = tl.minimum(kb_begin + per_split, num_blocks)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kb0 in range(kb_begin, kb_end, STEP_BLOCKS):
+        for j in tl.static_range(STEP_BLOCKS):
+            kb = tl.minimum(kb0 + j, kb_end - 1)  # a step past the slice re-reads its last block...
+            kcol = (kb0 + j) * QBLOCK + offs_k
+            k_ok = kcol < kb_end * QBLOCK  # ...with x masked to 0 there, so it adds nothing
+            w = tl.load(w_rows + kcol[None, :], mask=k_ok[None, :], other=0)  # (BLOCK_N, QBLOCK) int8
+            x = tl.load(x_ptr + kcol, mask=k_ok, other=0.0).to(tl.float32)  # (QBLOCK,)
+            s = tl.load(s_rows + kb * stride_wsk)  # (BLOCK_N,)
+            acc += tl.sum(int8_to_float(w, tl.float32) * x[None, :], axis=1) * s
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + wn).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    else:
+        tl.store(out_ptr + split * N + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def _split_k_sum(part_ptr, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    parts = tl.load(part_ptr + tl.arange(0, SPLIT)[:, None] * N + offs[None, :], mask=ok[None, :], other=0.0)
+    acc = tl.sum(parts, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def split_for(n: int, num_blocks: int) -> int:
+    """K slices for narrow layers only (fewer than 512 16-row programs), up to ~1024 programs.
+
+    Measured on the H100 (benchmarks/NOTES.md): N=3072 went from 0.91x to 1.88x bf16 with 8
+    slices; N=12288 got slower with 2 (1.69x -> 1.56x), so wide layers are not split.
+    """
+    rows = triton.cdiv(n, 16)
+    split = 1
+    while rows < 512 and split < 8 and rows * split < 1024 and num_blocks // (2 * split) >= 2:
+        split *= 2
+    return split
+
+
+# (BLOCK_N, STEP_BLOCKS, num_warps): a (BLOCK_N, B) int8 tile spans num_warps * 32 threads at
+# 16 bytes each when BLOCK_N * B = num_warps * 512; a larger STEP_BLOCKS puts more
+# independent 16-byte loads in flight per thread.
+GEMV_TILES = [(8, 4, 2), (8, 8, 2), (16, 4, 4), (16, 8, 4), (32, 4, 8), (4, 8, 1)]
+
+if INTERPRETING:
+    _gemv_tuned = _gemv_kernel
+else:
+    _gemv_tuned = triton.autotune(
+        [triton.Config({"BLOCK_N": bn, "STEP_BLOCKS": sb}, num_warps=w, num_stages=1) for bn, sb, w in GEMV_TILES],
+        key=["N", "K", "QBLOCK", "SPLIT"],
+    )(_gemv_kernel)
+
+PLAIN_GEMV = {"BLOCK_N": 8, "STEP_BLOCKS": 2}
+
+
+def w8a16_gemv(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
+    bias: torch.Tensor | None = None, *, config: dict | None = None, split: int | None = None,
+) -> torch.Tensor:
+    """``x @ (w_q * w_scale).T + bias`` for one row ``x`` (1, K); output (1, N) in x's dtype.
+
+    ``split`` K slices (default ``split_for``: more for narrow N) are summed by a second,
+    tiny kernel in fp32.
+    """
+    n, k = w_q.shape
+    if x.dim() != 2 or x.shape != (1, k) or x.stride(1) != 1:
+        raise ValueError(f"w8a16_gemv takes x of shape (1, {k}) with unit stride along K, got {tuple(x.shape)}")
+    if x.dtype not in OUT_DTYPES:
+        raise ValueError(f"x must be one of {OUT_DTYPES}, got {x.dtype}")
+    if (w_q.dtype != torch.int8 or w_q.stride(1) != 1 or k % block_size or w_scale.dtype != torch.float32
+            or tuple(w_scale.shape) != (n, k // block_size)):
+        raise ValueError(f"weight must be int8 (N, K) with fp32 scales (N, K // {block_size}), got {w_q.dtype} "
+                         f"{tuple(w_q.shape)} and {w_scale.dtype} {tuple(w_scale.shape)}")
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    split = split_for(n, k // block_size) if split is None else split
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"split must be a power of two, got {split}")
+    target = out if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
+    args = (x, w_q, w_scale, bias if bias is not None else out, target, n, k, w_q.stride(0), *w_scale.stride())
+    kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, SPLIT=split)
+    if config is None and autotuning():
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs)
+    else:
+        if config is None:
+            config = PLAIN_GEMV if INTERPRETING else dict(zip(("BLOCK_N", "STEP_BLOCKS", "num_warps"), GEMV_TILES[2]))
+        meta = dict(config)
+        extra = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+        _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs, **meta, **extra)
+    if split > 1:
+        _split_k_sum[(triton.cdiv(n, 256),)](target, bias if bias is not None else out, out, n,
+                                             HAS_BIAS=bias is not None, SPLIT=split, BLOCK=256)
+    return out

@@ -1,0 +1,163 @@
+"""The NF4/FP4 Triton kernels against their plain-PyTorch references (``bnb4_codec``).
+
+Linear: every path (gemv, fused GEMM, dequantize + cuBLAS) on M in {1, 3, 16, 17, 100}, K and
+N odd multiples of the block (plus an N that is a multiple of nothing), both codebooks, double
+quant on and off, fp16/bf16/fp32 activations, bias, 3-D inputs. Outputs are poisoned with NaN
+first; ``relative_error`` turns any NaN/Inf into inf, so an unwritten element cannot pass.
+Tolerances (||y - y_ref|| / ||y_ref|| against the float32 reference) per activation dtype:
+fp32 1e-5 (float32 accumulation, different summation order); fp16 3e-3 and bf16 1.2e-2 (the
+dequantized weight is rounded to the activation dtype before the tensor-core product and the
+output is rounded once: about 2^-11 and 2^-8 relative per element).
+
+Dequantize (the first half of the cuBLAS path) and quantize are compared bit for bit.
+
+On the CPU these run under TRITON_INTERPRET=1 (set in conftest.py), so sizes are kept small.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_lowbit.kernels import bnb4_codec
+from comfy_lowbit.kernels.bnb4_linear import Bnb4Weight, bnb4_linear, choose_path, dequantize, reference_bnb4_linear, reference_dequantize
+from comfy_lowbit.kernels.bnb4_quantize import bnb4_quantize
+from support import KERNEL_DEVICE, outlier_matrix, relative_error
+
+BLOCK = 64
+K = 5 * BLOCK
+N = 3 * BLOCK  # odd multiples of the block: not a multiple of the 128-wide N tiles
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
+PATHS = ("gemv", "fused", "dequant_cublas")
+
+
+def make_weight(n: int, k: int, quant_type: str, double_quant: bool, seed: int, block: int = BLOCK) -> Bnb4Weight:
+    w = outlier_matrix(n, k, seed=seed, scale=8.0) * 0.05
+    packed, absmax = bnb4_codec.quantize_4bit(w, block, quant_type)
+    if double_quant:
+        codes, nested, offset = bnb4_codec.quantize_nested_absmax(absmax)
+        weight = Bnb4Weight(packed, codes, (n, k), block, quant_type, nested, offset)
+    else:
+        weight = Bnb4Weight(packed, absmax, (n, k), block, quant_type)
+    return to_device(weight)
+
+
+def to_device(w: Bnb4Weight) -> Bnb4Weight:
+    move = lambda t: None if t is None else t.to(KERNEL_DEVICE)  # noqa: E731
+    return Bnb4Weight(move(w.packed), move(w.absmax), w.shape, w.block_size, w.quant_type,
+                      move(w.nested_absmax), move(w.offset))
+
+
+def check_linear(x, weight, bias, path, dtype):
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    out = torch.full((m, weight.shape[0]), float("nan"), device=KERNEL_DEVICE, dtype=dtype)
+    y = bnb4_linear(x, weight, bias, path=path, out=out)
+    ref = reference_bnb4_linear(x.cpu(), to_cpu(weight), None if bias is None else bias.cpu())
+    assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == dtype
+    err = relative_error(y.cpu(), ref)
+    assert err <= TOLERANCE[dtype], f"{path} M={m} {weight.quant_type} dq={weight.double_quant} {dtype}: rel. error {err:.3g}"
+
+
+def to_cpu(w: Bnb4Weight) -> Bnb4Weight:
+    move = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return Bnb4Weight(move(w.packed), move(w.absmax), w.shape, w.block_size, w.quant_type,
+                      move(w.nested_absmax), move(w.offset))
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_matches_reference(path, m, quant_type, double_quant):
+    weight = make_weight(N, K, quant_type, double_quant, seed=m)
+    x = outlier_matrix(m, K, seed=100 + m).to(KERNEL_DEVICE, torch.bfloat16)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, bias if m % 2 else None, path, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_activation_dtypes(path, quant_type, double_quant, dtype):
+    weight = make_weight(N, K, quant_type, double_quant, seed=7)
+    x = outlier_matrix(3, K, seed=8).to(KERNEL_DEVICE, dtype)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(9)).to(KERNEL_DEVICE, dtype)
+    check_linear(x, weight, bias, path, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_3d_input_odd_n_and_large_block(path):
+    """N = 37 (a multiple of nothing), block 128 with K = 3 blocks, x of shape (2, 3, K)."""
+    weight = make_weight(37, 3 * 128, "nf4", True, seed=11, block=128)
+    x = outlier_matrix(6, 3 * 128, seed=12).reshape(2, 3, 3 * 128).to(KERNEL_DEVICE, torch.bfloat16)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(13)).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, bias, path, torch.bfloat16)
+
+
+def test_gemv_without_prefetch(monkeypatch):
+    """The GEMV's un-pipelined variant (an autotune candidate) on the fixed-config path."""
+    import comfy_lowbit.kernels.bnb4_linear as lin
+
+    if lin.AUTOTUNE:
+        pytest.skip("runs with COMFY_LOWBIT_AUTOTUNE=0 or the interpreter")
+    monkeypatch.setitem(lin._FIXED_GEMV, "PREFETCH", False)
+    weight = make_weight(N, K, "fp4", True, seed=61)
+    x = outlier_matrix(3, K, seed=62).to(KERNEL_DEVICE, torch.float16)
+    check_linear(x, weight, None, "gemv", torch.float16)
+
+
+def test_dispatch_covers_every_m():
+    assert [choose_path(m) for m in (1, 2, 16, 256, 257, 16384)][0] == "gemv"
+    assert {choose_path(m) for m in (1, 2, 100, 5000)} <= set(PATHS)
+    weight = make_weight(N, K, "nf4", False, seed=21)
+    x = outlier_matrix(2, K, seed=22).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, None, None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
+def test_dequantize_bit_exact(quant_type, double_quant):
+    weight = make_weight(N, K, quant_type, double_quant, seed=31)
+    out = torch.full((N, K), float("nan"), device=KERNEL_DEVICE)
+    got = dequantize(weight, torch.float32, out=out)
+    ref = reference_dequantize(to_cpu(weight))
+    # double quant: the kernel may fuse the absmax decode's multiply-add (1 ulp of absmax)
+    if double_quant:
+        torch.testing.assert_close(got.cpu(), ref, rtol=3e-7, atol=0)
+    else:
+        assert torch.equal(got.cpu(), ref)
+
+
+def test_bad_inputs_name_what_was_expected():
+    weight = make_weight(N, K, "nf4", False, seed=41)
+    with pytest.raises(ValueError, match=f"activation last dim: expected {K}"):
+        bnb4_linear(torch.zeros(2, K + 1, device=KERNEL_DEVICE), weight)
+    with pytest.raises(ValueError, match="activation dtype"):
+        bnb4_linear(torch.zeros(2, K, device=KERNEL_DEVICE, dtype=torch.int32), weight)
+    with pytest.raises(ValueError, match=r"bias shape: expected \(192,\)"):
+        bnb4_linear(torch.zeros(2, K, device=KERNEL_DEVICE), weight, torch.zeros(3, device=KERNEL_DEVICE))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype,shape,block", [
+    (torch.bfloat16, (160, 192), 64),
+    (torch.float32, (7, 37), 64),  # odd numel: a partial last block and a padded last nibble
+    (torch.float16, (3, 256), 128),
+])
+@pytest.mark.parametrize("nested", [False, True])
+def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
+    x = outlier_matrix(*shape, seed=51).to(dtype)
+    x[0, :5] = 0.0  # exact zeros and a value on a code point
+    x[1, 0] = x[1].abs().max()
+    if shape[1] >= 2 * block:  # an all-zero block: absmax 0
+        x[2, :block] = 0.0
+    numel = x.numel()
+    poisoned = (torch.full(((numel + 1) // 2, 1), 0xAA, dtype=torch.uint8, device=KERNEL_DEVICE),
+                torch.full((-(-numel // block),), float("nan"), device=KERNEL_DEVICE))
+    got = bnb4_quantize(x.to(KERNEL_DEVICE), block, quant_type, nested=nested, out=poisoned)
+    packed_ref, absmax_ref = bnb4_codec.quantize_4bit(x, block, quant_type)
+    assert torch.equal(got[0].cpu(), packed_ref), "packed codes differ"
+    if nested:  # the nested step is the codec's own code, run on the kernel's device
+        ref_nested = bnb4_codec.quantize_nested_absmax(absmax_ref.to(KERNEL_DEVICE))
+        assert torch.equal(got[1], ref_nested[0]) and torch.equal(got[2], ref_nested[1]) and torch.equal(got[3], ref_nested[2])
+        assert torch.equal(bnb4_codec.dequantize_nested_absmax(*got[1:]).cpu(),
+                           bnb4_codec.dequantize_nested_absmax(*ref_nested).cpu())
+    else:
+        assert torch.equal(got[1].cpu(), absmax_ref)
