@@ -3,9 +3,14 @@
 Two facts about bitsandbytes 0.50.2 on the CPU shape these helpers:
 * its portable ("default") kernels are wrapped in ``torch.compile``; compiling them for every
   shape would cost minutes of test time for the same numbers, so they run eagerly here;
-* its AVX-512 ``dequantize_4bit`` kernel looks absmax up per row (``K // block_size`` blocks
-  per row), which is wrong when blocks span rows: last dim a multiple of 16, not of the block
-  size, block size < 2048. There we compare with its portable kernel, which is right.
+* its native CPU ``dequantize_4bit`` kernel is not one function but several, chosen by the
+  machine: it looks absmax up per row (``K // block_size`` blocks per row), which is wrong
+  when blocks span rows, and it only hands block sizes >= 2048 to the portable kernel when
+  torch reports AVX-512 (with ``ATEN_CPU_CAPABILITY=avx2`` here, 2048-blocks over 256-wide rows
+  come out wrong); on the GPU machine's CPU its fp16 conversion also differed from this
+  machine's by one ulp on one value. bitsandbytes' portable ("default") kernel is the same
+  on every machine, so the tests compare with the native kernel where the two agree and with
+  the portable one where bitsandbytes disagrees with itself.
   (Its CPU kernel also returns a 1-D weight of even length as shape (1, n).)
 """
 from __future__ import annotations
@@ -22,22 +27,17 @@ def quantize(x: torch.Tensor, block_size: int, quant_type: str, double_quant: bo
         return bnbf.quantize_4bit(x, blocksize=block_size, quant_type=quant_type, compress_statistics=double_quant)
 
 
-def _avx512_absmax_bug(shape, block_size: int) -> bool:
-    k = shape[-1]
-    return len(shape) > 0 and k % 16 == 0 and k % block_size != 0 and block_size < 2048
-
-
 def dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """``bitsandbytes.functional.dequantize_4bit``, or its portable kernel where the AVX-512 one is wrong."""
+    """``bitsandbytes.functional.dequantize_4bit``; its portable kernel where the native one disagrees."""
     with torch.compiler.set_stance("force_eager"):
-        if not _avx512_absmax_bug(tuple(state.shape), state.blocksize):
-            # Its CPU kernel returns a 1-D weight of even length as (1, n): same values.
-            return bnbf.dequantize_4bit(packed, state).reshape(state.shape)
+        # Its CPU kernel returns a 1-D weight of even length as (1, n): same values.
+        native = bnbf.dequantize_4bit(packed, state).reshape(state.shape)
         absmax = state.absmax
         if state.nested:
             absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
         code = bnbf.get_4bit_type(state.quant_type, device=packed.device)
-        return _dequantize_4bit_compute(packed.reshape(-1), absmax, code, state.blocksize, state.shape, state.dtype)
+        portable = _dequantize_4bit_compute(packed.reshape(-1), absmax, code, state.blocksize, state.shape, state.dtype)
+    return native if torch.equal(native, portable) else portable
 
 
 def quantize_blockwise(x: torch.Tensor, block_size: int = 256):
