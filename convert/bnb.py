@@ -36,6 +36,7 @@ from comfy_kitchen.tensor import QuantizedTensor
 
 from ..kernels import bnb4_codec as codec
 from ..layouts.base import QuantFormatError
+from ..layouts.comfy_quant import decode_json_tensor
 from ..layouts.bnb4 import (ABSMAX, FLOAT_DTYPES, NESTED_ABSMAX, NESTED_OFFSET, Bnb4Layout, FP4Layout, NF4Layout,
                             is_shape)
 
@@ -49,13 +50,10 @@ def _error(key: str, message: str) -> QuantFormatError:
 
 
 def _decode_quant_state(key: str, tensor: Any) -> dict[str, Any]:
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-        got = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise _error(key, f"expected a 1-D uint8 tensor of UTF-8 JSON, got {got}")
     try:
-        state = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _error(key, f"not valid UTF-8 JSON ({exc})") from None
+        state = decode_json_tensor(tensor)
+    except ValueError as exc:
+        raise _error(key, str(exc)) from None
     if not isinstance(state, dict):
         raise _error(key, f"expected a JSON object, got {state!r}")
     return state

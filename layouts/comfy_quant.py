@@ -25,15 +25,26 @@ def encode_config(config: Mapping[str, Any]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def decode_config(tensor: torch.Tensor, layer: str | None = None) -> dict[str, Any]:
-    """``<layer>.comfy_quant`` tensor -> JSON dict, with errors that name the layer."""
+def decode_json_tensor(tensor: Any) -> Any:
+    """A 1-D uint8 tensor of UTF-8 JSON -> the JSON value; ``ValueError`` saying what is wrong.
+
+    Both ComfyUI's ``comfy_quant`` and bitsandbytes' ``quant_state`` entries are stored so.
+    """
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
         got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise format_error(layer, f"{COMFY_QUANT} must be a 1-D uint8 tensor of UTF-8 JSON, got {got}")
+        raise ValueError(f"must be a 1-D uint8 tensor of UTF-8 JSON, got {got}")
     try:
-        config = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+        return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise format_error(layer, f"{COMFY_QUANT} is not valid UTF-8 JSON ({exc})") from None
+        raise ValueError(f"is not valid UTF-8 JSON ({exc})") from None
+
+
+def decode_config(tensor: torch.Tensor, layer: str | None = None) -> dict[str, Any]:
+    """``<layer>.comfy_quant`` tensor -> JSON dict, with errors that name the layer."""
+    try:
+        config = decode_json_tensor(tensor)
+    except ValueError as exc:
+        raise format_error(layer, f"{COMFY_QUANT} {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("format"), str):
         raise format_error(layer, f'{COMFY_QUANT} must be a JSON object with a string "format", got {config!r}')
     return config
