@@ -184,6 +184,22 @@ def test_ops_reject_a_weight_of_the_wrong_shape(comfy):
         model.load_state_dict(sd, strict=False)
 
 
+@pytest.mark.parametrize("quantize", [None, *sorted(FORMATS)[:1]])
+def test_ops_layer_missing_from_the_file_computes_zeros(comfy, quantize):
+    """A weight the file lacks (SD1.5 checkpoints have no CLIP text_projection): the layer runs,
+    outputs its bias, and the key is reported missing; ComfyUI's own base would leave it None."""
+    sd = _float_state_dict(5)
+    sd.pop("img_in.weight")
+    model = TinyModel(comfy["ops"].lowbit_operations(quantize=quantize))
+    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
+    assert missing == ["img_in.weight"] and not unexpected, (missing, unexpected)
+    x = outlier_matrix(3, K, seed=4).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = model.img_in(x)
+    assert torch.equal(out, sd["img_in.bias"].expand(3, K))
+    assert torch.equal(model.blocks[0]["proj"].bias, sd["blocks.0.proj.bias"])  # the rest loads as usual
+
+
 def test_unknown_quantize_format_is_a_clear_error(comfy):
     with pytest.raises(QuantFormatError, match="quantize_on_load.*'nf9'"):
         comfy["ops"].lowbit_operations(quantize="nf9")

@@ -281,6 +281,37 @@ def test_formats_sample_with_lora(comfy):
     assert not failures, f"failed: {failures}"
 
 
+def test_checkpoint_loader_samples(comfy):
+    """LowBitCheckpointLoader on a full SD1.5-layout checkpoint: MODEL, CLIP and VAE from one file.
+
+    The bf16 file as is (the reference), the converter's file in the first format, and the bf16
+    file quantized on load in that format: each encodes a prompt with its CLIP, samples with its
+    MODEL, decodes with its VAE. A quantized run must land closer to the bf16 image than
+    changing the prompt moves the bf16 image (so the text encoder's output really reaches the
+    sampler, and quantization error is smaller than that).
+    """
+    fmt, ui_name = next(iter(comfy.formats.items()))
+    prompt = "a photograph of an astronaut riding a horse"
+
+    def sample(ckpt: str, quantize: str, text: str, prefix: str):
+        pixels = _pixels(comfy.run("checkpoint_loader", ckpt=ckpt, quantize=quantize, prompt=text, prefix=prefix))
+        _check_image(pixels)
+        return pixels
+
+    ref = sample("tiny_sd15_bf16.safetensors", "none", prompt, "ckpt_bf16")
+    other = sample("tiny_sd15_bf16.safetensors", "none", "a watercolor of a lighthouse at night", "ckpt_bf16_other")
+    prompt_effect = _distance(other, ref)
+    assert prompt_effect > 0.01, f"another prompt changes the bf16 image by only {prompt_effect:.4f}"
+    report = {"prompt_effect": prompt_effect}
+    report[f"{fmt}/file"] = _distance(sample(f"tiny_sd15_{fmt}.safetensors", "none", prompt, f"ckpt_{fmt}_file"), ref)
+    report[f"{fmt}/on_load"] = _distance(sample("tiny_sd15_bf16.safetensors", ui_name, prompt, f"ckpt_{fmt}_onload"),
+                                         ref)
+    print("checkpoint loader, distance to the bf16 image:", json.dumps(report))
+    for name, err in report.items():
+        if name != "prompt_effect":
+            assert 0 < err < prompt_effect, f"{name}: {err:.4f} from bf16; another prompt moves it {prompt_effect:.4f}"
+
+
 if __name__ == "__main__":
     if "--gpu" in sys.argv:
         sys.argv.remove("--gpu")
