@@ -200,6 +200,32 @@ def test_ops_layer_missing_from_the_file_computes_zeros(comfy, quantize):
     assert torch.equal(model.blocks[0]["proj"].bias, sd["blocks.0.proj.bias"])  # the rest loads as usual
 
 
+def test_quantize_on_load_follows_the_converter_through_comfyui_renames(comfy):
+    """The keep rule sees ComfyUI's layer names: prefixes stripped (the UNet) or replaced (an
+    SD1.5 checkpoint's ``cond_stage_model.`` text encoder is loaded as ``clip_l.``)."""
+    loading = importlib.import_module("comfy_lowbit.nodes.loading")
+    w = torch.zeros(8, 8)
+    sd = {
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": w,
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": w,
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": w,
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": w,
+        "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight": w,
+        "model.diffusion_model.time_embed.0.weight": w,
+        "first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+        "first_stage_model.decoder.mid.attn_1.q.weight": w,
+    }
+    keep = loading.converter_keep_rule(sd)
+    for layer in ("clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+                  "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+                  "diffusion_model.input_blocks.1.0.emb_layers.1", "input_blocks.1.0.emb_layers.1"):
+        assert not keep(layer), f"{layer} should be quantized, as the converter does"
+    for layer in ("clip_l.transformer.text_model.embeddings.token_embedding", "diffusion_model.time_embed.0",
+                  "decoder.mid.attn_1.q", "clip_l.transformer.text_projection",
+                  "diffusion_model.input_blocks.1.0.emb_layers.2"):
+        assert keep(layer), f"{layer} should stay in float, as the converter keeps it"
+
+
 def test_unknown_quantize_format_is_a_clear_error(comfy):
     with pytest.raises(QuantFormatError, match="quantize_on_load.*'nf9'"):
         comfy["ops"].lowbit_operations(quantize="nf9")

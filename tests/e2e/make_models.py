@@ -177,7 +177,8 @@ def write_checkpoints(models_dir: str, clip_sd: dict, formats: list[str]) -> Non
                         decoder_ddconfig=dict(SD_VAE_CONFIG, ch=VAE_DECODER_CH)).to("meta")
     sd = {}
     sd.update({f"model.diffusion_model.{k}": v for k, v in random_weights(unet.state_dict()).items()})
-    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items()})
+    # SD1.5 checkpoints carry no text_projection (SD1.5 never uses the pooled output).
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items() if not k.startswith("text_projection")})
     sd.update({f"first_stage_model.{k}": v for k, v in random_weights(vae.state_dict()).items()})
     folder = os.path.join(models_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
