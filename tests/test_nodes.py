@@ -261,3 +261,28 @@ def test_stock_loader_reads_our_format_only_when_switched_on(comfy, monkeypatch)
         assert not isinstance(plain.weight, QuantizedTensor)
     finally:
         comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict = original
+
+
+@needs_formats
+def test_stock_model_detection_sees_our_layers_real_shapes(comfy):
+    """ComfyUI's detection reads an SD UNet's text width from attn2.to_k, which our file holds
+    packed; with the stock loaders installed it sees the unpacked shape (the file's dict untouched)."""
+    detection = importlib.import_module("comfy.model_detection")
+    comfy_ops = comfy["comfy_ops"]
+    layer = "model.diffusion_model." + detection.TO_K[: -len(".weight")]
+    layout = FORMATS[sorted(FORMATS)[0]]
+    qt = QuantizedTensor.from_float((torch.randn(N, K) / K**0.5).to(torch.bfloat16), layout.__name__)
+    sd = layer_state_dict(layer, qt)
+    assert tuple(sd[f"{layer}.weight"].shape) != (N, K)  # packed: detection would read the wrong width
+    before = dict(sd)
+    originals = (comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict,
+                 detection.detect_unet_config)
+    try:
+        assert comfy["stock"].install() is True
+        assert detection.detect_unet_config(sd, "model.diffusion_model.")["context_dim"] == K
+        assert sd.keys() == before.keys() and all(sd[k] is before[k] for k in sd)
+        plain = {"model.diffusion_model." + detection.TO_K: torch.zeros(N, 2 * K)}
+        assert detection.detect_unet_config(plain, "model.diffusion_model.")["context_dim"] == 2 * K
+    finally:
+        (comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict,
+         detection.detect_unet_config) = originals

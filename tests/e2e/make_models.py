@@ -21,7 +21,9 @@ detection accepts the file as Flux):
   fixed encoder and a narrow decoder (ComfyUI reads the decoder's width from the file);
 * ``checkpoints/tiny_sd15_<format>.safetensors``: that checkpoint converted by our converter
   (``convert_checkpoint``, its family rules: UNet and CLIP blocks quantized, VAE kept), for
-  the first format only (converting the CLIP-L takes 10-100 s per format on a CPU).
+  the first format only (converting the CLIP-L takes 10-100 s per format on a CPU);
+* ``checkpoints/tiny_sd15_<format>_unet.safetensors``: the same with only the UNet quantized,
+  for ComfyUI's stock Load Checkpoint (which loads an SD1.x text encoder with plain operations).
 """
 from __future__ import annotations
 
@@ -178,7 +180,8 @@ def write_checkpoints(models_dir: str, clip_sd: dict, formats: list[str]) -> Non
     sd = {}
     sd.update({f"model.diffusion_model.{k}": v for k, v in random_weights(unet.state_dict()).items()})
     # SD1.5 checkpoints carry no text_projection (SD1.5 never uses the pooled output).
-    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items() if not k.startswith("text_projection")})
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items()
+               if not k.startswith("text_projection")})
     sd.update({f"first_stage_model.{k}": v for k, v in random_weights(vae.state_dict()).items()})
     folder = os.path.join(models_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
@@ -187,6 +190,11 @@ def write_checkpoints(models_dir: str, clip_sd: dict, formats: list[str]) -> Non
     for fmt in formats:
         summary = convert_checkpoint(bf16, os.path.join(folder, f"tiny_sd15_{fmt}.safetensors"),
                                      ConvertOptions(format=fmt, device="cpu"), show_progress=False)
+        # ComfyUI's stock Load Checkpoint builds an SD1.x text encoder with plain operations
+        # (only the diffusion model gets its quantized-layer loader), so its file keeps the CLIP.
+        convert_checkpoint(bf16, os.path.join(folder, f"tiny_sd15_{fmt}_unet.safetensors"),
+                           ConvertOptions(format=fmt, device="cpu", exclude=("cond_stage_model.*",)),
+                           show_progress=False)
         print(f"checkpoint {fmt}: quantized {len(summary.quantized)} layers, kept {len(summary.kept)} tensors "
               f"({summary.families}), {summary.seconds:.1f} s")
 

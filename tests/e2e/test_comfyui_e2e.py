@@ -27,7 +27,9 @@ And the checkpoint loader (``LowBitCheckpointLoader``: MODEL, CLIP and VAE from 
 tiny random SD1.5-layout checkpoint, bf16 as is, converted to the first format by our
 converter, and quantized on load: its CLIP encodes the prompt, KSampler samples, its VAE
 decodes; each quantized image lands closer to the bf16 one than another prompt moves that,
-and the converted file and quantize-on-load give the same image.
+and the converted file and quantize-on-load give the same image. ComfyUI's stock
+``CheckpointLoaderSimple`` on a converted file (UNet only: ComfyUI loads an SD1.x
+checkpoint's text encoder with plain operations) is checked the same way.
 """
 from __future__ import annotations
 
@@ -311,10 +313,16 @@ def test_checkpoint_loader_samples(comfy):
     assert prompt_effect > 0.01, f"another prompt changes the bf16 image by only {prompt_effect:.4f}"
     from_file = sample(f"tiny_sd15_{fmt}.safetensors", "none", prompt, f"ckpt_{fmt}_file")
     on_load = sample("tiny_sd15_bf16.safetensors", ui_name, prompt, f"ckpt_{fmt}_onload")
+    # ComfyUI's own Load Checkpoint (our stock_loaders registration) on a file whose UNet only
+    # is converted: ComfyUI builds an SD1.x checkpoint's text encoder with plain operations.
+    stock = _pixels(comfy.run("stock_checkpoint_loader", ckpt=f"tiny_sd15_{fmt}_unet.safetensors", prompt=prompt,
+                              prefix=f"ckpt_{fmt}_stock"))
+    _check_image(stock)
     report = {"prompt_effect": prompt_effect, f"{fmt}/file": _distance(from_file, ref),
-              f"{fmt}/on_load": _distance(on_load, ref), "file_vs_on_load": _distance(from_file, on_load)}
+              f"{fmt}/on_load": _distance(on_load, ref), f"{fmt}/stock_loader": _distance(stock, ref),
+              "file_vs_on_load": _distance(from_file, on_load)}
     print("checkpoint loader, distances between images:", json.dumps(report))
-    for name in (f"{fmt}/file", f"{fmt}/on_load"):
+    for name in (f"{fmt}/file", f"{fmt}/on_load", f"{fmt}/stock_loader"):
         err = report[name]
         assert 0 < err < prompt_effect, f"{name}: {err:.4f} from bf16; another prompt moves it {prompt_effect:.4f}"
     # Quantize-on-load keeps what the converter keeps and quantizes the rest the same way (UNet
