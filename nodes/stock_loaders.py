@@ -14,7 +14,7 @@ our file holds packed bytes. That function is wrapped too: it sees our layers as
 QuantizedTensors they load as, which report their real, unpacked shape.
 
 These are module globals looked up at each call (the first two private), so the wrap is
-feature-detected (skipped with a log line if either is missing or has changed shape) and can
+feature-detected (skipped with a log line if one is missing or has changed shape) and can
 be switched off with the environment variable ``COMFY_LOWBIT_STOCK_LOADERS=0``. Our own
 loader nodes do not depend on it.
 """
