@@ -54,19 +54,34 @@ def _quantize_device() -> torch.device | None:
 def converter_keep_rule(sd: dict):
     """Quantize-on-load keeps in float what the converter would keep (its family rules).
 
-    The rules judge the file's keys; ComfyUI then strips prefixes (``model.diffusion_model.``)
-    before our ``Linear`` sees a layer name, so a layer is quantized when some file layer the
-    rules quantize ends with its name.
+    The rules judge the file's keys; ComfyUI then renames them before our ``Linear`` sees a
+    layer name: it strips prefixes (``model.diffusion_model.double_blocks.0...`` ->
+    ``diffusion_model.double_blocks.0...``) and replaces some (an SD1.5 checkpoint's
+    ``cond_stage_model.transformer.text_model...`` -> ``clip_l.transformer.text_model...``).
+    What survives both is the name inside the component (relative to the prefix its family
+    was detected at, where the rules' globs apply too), so a layer is quantized when it ends
+    with the component-relative name of a file layer the rules quantize (or is itself a tail
+    of such a file layer's name).
     """
     rules = KeepRules(list(sd))
-    chosen = set()
+    tails, relative = set(), set()
     for key, tensor in sd.items():
         if not isinstance(tensor, torch.Tensor):
             continue
         if rules.keep_reason(key, tuple(tensor.shape), tensor.is_floating_point()) is None:
-            parts = key[: -len(".weight")].split(".")
-            chosen.update(".".join(parts[i:]) for i in range(len(parts)))
-    return lambda layer: layer not in chosen
+            layer = key[: -len(".weight")]
+            parts = layer.split(".")
+            tails.update(".".join(parts[i:]) for i in range(len(parts)))
+            component = rules.component(key)
+            relative.add(layer[len(component.prefix):] if component is not None else layer)
+
+    def keep(layer: str) -> bool:
+        if layer in tails:
+            return False
+        parts = layer.split(".")
+        return not any(".".join(parts[i:]) in relative for i in range(len(parts)))
+
+    return keep
 
 
 def operations(quantize_on_load: str, sd: dict | None = None):

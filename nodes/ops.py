@@ -166,6 +166,9 @@ def lowbit_operations(
                         logger.info("comfy_lowbit: %s stays in %s (%s)", layer, plain.dtype, exc)
                     else:
                         state_dict.pop(f"{prefix}weight")
+                if qt is None and plain is None:
+                    return self._load_without_weight(state_dict, prefix, local_metadata, strict,
+                                                     missing_keys, unexpected_keys, error_msgs)
                 if qt is None:
                     return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                          missing_keys, unexpected_keys, error_msgs)
@@ -178,6 +181,27 @@ def lowbit_operations(
                                                      missing_keys, unexpected_keys, error_msgs)
                 if f"{prefix}weight" in missing_keys:
                     missing_keys.remove(f"{prefix}weight")
+
+            def _load_without_weight(self, state_dict, prefix, local_metadata, strict,
+                                     missing_keys, unexpected_keys, error_msgs):
+                """A layer the file has no weight for: a zero float weight, reported missing.
+
+                ComfyUI's mixed-precision base leaves such a layer's weight None, so its first
+                forward fails far from the cause; ComfyUI's plain operations (what its own
+                loaders use for float files) keep an uninitialised weight and report the key
+                missing, which its loaders tolerate where a file legitimately lacks it: SD1.5
+                checkpoints carry no CLIP ``text_projection`` (only the unused pooled output
+                needs it). We do as the plain operations do, with zeros instead of garbage.
+                """
+                logger.warning("comfy_lowbit: the file has no weight for layer '%s'; it computes zeros",
+                               prefix[:-1] or "<root>")
+                kw = self.factory_kwargs
+                self.weight = torch.nn.Parameter(
+                    torch.zeros(self.out_features, self.in_features, device=kw["device"],
+                                dtype=kw["dtype"] or (self.bias.dtype if self.bias is not None else None)),
+                    requires_grad=False)
+                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                                     missing_keys, unexpected_keys, error_msgs)
 
             def state_dict(self, *args, destination=None, prefix="", **kwargs):
                 if not is_lowbit(getattr(self, "weight", None)):

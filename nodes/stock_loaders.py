@@ -7,8 +7,14 @@ layout and a ``QUANT_ALGOS`` entry is therefore not enough. This module wraps th
 function (and its saving twin ``_quantized_weight_state_dict``): layers in one of our formats
 are loaded/saved by us, everything else goes to ComfyUI's original.
 
-Both are private functions looked up as module globals at each call, so the wrap is
-feature-detected (skipped with a log line if either is missing or has changed shape) and can
+ComfyUI detects a checkpoint's model from its tensors' names and shapes
+(``comfy.model_detection.detect_unet_config``), and some families read the shape of a layer we
+quantize (SD1.x/SDXL UNets: the cross-attention ``attn2.to_k`` gives the text width), where
+our file holds packed bytes. That function is wrapped too: it sees our layers as the
+QuantizedTensors they load as, which report their real, unpacked shape.
+
+These are module globals looked up at each call (the first two private), so the wrap is
+feature-detected (skipped with a log line if one is missing or has changed shape) and can
 be switched off with the environment variable ``COMFY_LOWBIT_STOCK_LOADERS=0``. Our own
 loader nodes do not depend on it.
 """
@@ -18,6 +24,8 @@ import inspect
 import logging
 import os
 
+from ..layouts import QuantFormatError
+from ..layouts.comfy_quant import COMFY_QUANT
 from .ops import adopt_weight, is_lowbit, lowbit_entries, pop_lowbit_layer, register_quant_algos
 
 logger = logging.getLogger(__name__)
@@ -71,5 +79,41 @@ def install() -> bool:
     load_quantized_module._comfy_lowbit = True
     comfy.ops._load_quantized_module = load_quantized_module
     comfy.ops._quantized_weight_state_dict = quantized_weight_state_dict
+    _wrap_model_detection()
     logger.info("comfy_lowbit: stock loaders read and save comfy_lowbit formats (%s=0 to turn off)", ENV_SWITCH)
     return True
+
+
+def with_real_shapes(state_dict):
+    """``state_dict``, or a shallow copy of it in which each of our per-layer entries is one
+    QuantizedTensor under ``<layer>.weight`` (its real shape); the input is left untouched."""
+    quant_keys = [k for k in state_dict if k.endswith(COMFY_QUANT)]
+    if not quant_keys:
+        return state_dict
+    view = dict(state_dict)
+    for key in quant_keys:
+        prefix = key[: -len(COMFY_QUANT)]
+        try:
+            qt = pop_lowbit_layer(view, prefix)
+        except QuantFormatError:
+            continue  # loading the layer reports it, with the layer's name
+        if qt is not None:
+            view[f"{prefix}weight"] = qt
+    return view
+
+
+def _wrap_model_detection() -> None:
+    import comfy.model_detection
+
+    detect = getattr(comfy.model_detection, "detect_unet_config", None)
+    if detect is None or getattr(detect, "_comfy_lowbit", False):
+        if detect is None:
+            logger.warning("comfy_lowbit: this ComfyUI has no model_detection.detect_unet_config; stock "
+                           "loaders may not detect models whose detection reads a quantized layer's shape")
+        return
+
+    def detect_unet_config(state_dict, key_prefix, *args, **kwargs):
+        return detect(with_real_shapes(state_dict), key_prefix, *args, **kwargs)
+
+    detect_unet_config._comfy_lowbit = True
+    comfy.model_detection.detect_unet_config = detect_unet_config

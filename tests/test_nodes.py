@@ -184,6 +184,48 @@ def test_ops_reject_a_weight_of_the_wrong_shape(comfy):
         model.load_state_dict(sd, strict=False)
 
 
+@pytest.mark.parametrize("quantize", [None, *sorted(FORMATS)[:1]])
+def test_ops_layer_missing_from_the_file_computes_zeros(comfy, quantize):
+    """A weight the file lacks (SD1.5 checkpoints have no CLIP text_projection): the layer runs,
+    outputs its bias, and the key is reported missing; ComfyUI's own base would leave it None."""
+    sd = _float_state_dict(5)
+    sd.pop("img_in.weight")
+    model = TinyModel(comfy["ops"].lowbit_operations(quantize=quantize))
+    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
+    assert missing == ["img_in.weight"] and not unexpected, (missing, unexpected)
+    x = outlier_matrix(3, K, seed=4).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = model.img_in(x)
+    assert torch.equal(out, sd["img_in.bias"].expand(3, K))
+    assert torch.equal(model.blocks[0]["proj"].bias, sd["blocks.0.proj.bias"])  # the rest loads as usual
+
+
+def test_quantize_on_load_follows_the_converter_through_comfyui_renames(comfy):
+    """The keep rule sees ComfyUI's layer names: prefixes stripped (the UNet) or replaced (an
+    SD1.5 checkpoint's ``cond_stage_model.`` text encoder is loaded as ``clip_l.``)."""
+    loading = importlib.import_module("comfy_lowbit.nodes.loading")
+    w = torch.zeros(8, 8)
+    sd = {
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": w,
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": w,
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": w,
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": w,
+        "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight": w,
+        "model.diffusion_model.time_embed.0.weight": w,
+        "first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+        "first_stage_model.decoder.mid.attn_1.q.weight": w,
+    }
+    keep = loading.converter_keep_rule(sd)
+    for layer in ("clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+                  "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+                  "diffusion_model.input_blocks.1.0.emb_layers.1", "input_blocks.1.0.emb_layers.1"):
+        assert not keep(layer), f"{layer} should be quantized, as the converter does"
+    for layer in ("clip_l.transformer.text_model.embeddings.token_embedding", "diffusion_model.time_embed.0",
+                  "decoder.mid.attn_1.q", "clip_l.transformer.text_projection",
+                  "diffusion_model.input_blocks.1.0.emb_layers.2"):
+        assert keep(layer), f"{layer} should stay in float, as the converter keeps it"
+
+
 def test_unknown_quantize_format_is_a_clear_error(comfy):
     with pytest.raises(QuantFormatError, match="quantize_on_load.*'nf9'"):
         comfy["ops"].lowbit_operations(quantize="nf9")
@@ -219,3 +261,28 @@ def test_stock_loader_reads_our_format_only_when_switched_on(comfy, monkeypatch)
         assert not isinstance(plain.weight, QuantizedTensor)
     finally:
         comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict = original
+
+
+@needs_formats
+def test_stock_model_detection_sees_our_layers_real_shapes(comfy):
+    """ComfyUI's detection reads an SD UNet's text width from attn2.to_k, which our file holds
+    packed; with the stock loaders installed it sees the unpacked shape (the file's dict untouched)."""
+    detection = importlib.import_module("comfy.model_detection")
+    comfy_ops = comfy["comfy_ops"]
+    layer = "model.diffusion_model." + detection.TO_K[: -len(".weight")]
+    layout = FORMATS[sorted(FORMATS)[0]]
+    qt = QuantizedTensor.from_float((torch.randn(N, K) / K**0.5).to(torch.bfloat16), layout.__name__)
+    sd = layer_state_dict(layer, qt)
+    assert tuple(sd[f"{layer}.weight"].shape) != (N, K)  # packed: detection would read the wrong width
+    before = dict(sd)
+    originals = (comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict,
+                 detection.detect_unet_config)
+    try:
+        assert comfy["stock"].install() is True
+        assert detection.detect_unet_config(sd, "model.diffusion_model.")["context_dim"] == K
+        assert sd.keys() == before.keys() and all(sd[k] is before[k] for k in sd)
+        plain = {"model.diffusion_model." + detection.TO_K: torch.zeros(N, 2 * K)}
+        assert detection.detect_unet_config(plain, "model.diffusion_model.")["context_dim"] == 2 * K
+    finally:
+        (comfy_ops._load_quantized_module, comfy_ops._quantized_weight_state_dict,
+         detection.detect_unet_config) = originals

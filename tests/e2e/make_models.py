@@ -13,6 +13,17 @@ detection accepts the file as Flux):
 * ``loras/tiny_flux_lora.safetensors``: a rank-8 LoRA on the attention and MLP linears of
   every block (ComfyUI's ``diffusion_model.<layer>.lora_{up,down}.weight`` naming).
 ~1M parameters: a 2-step sample of a 64x64 latent takes well under a second on a CPU.
+* ``checkpoints/tiny_sd15_bf16.safetensors``: a full SD1.5-layout checkpoint (UNet + CLIP-L +
+  VAE in one file, the original ``model.diffusion_model.`` / ``cond_stage_model.transformer.``
+  / ``first_stage_model.`` names) that ComfyUI's ``load_state_dict_guess_config`` detects as
+  SD15: a one-level UNet (SD1.5's 320 channels and 768-wide cross-attention, which detection
+  requires, one res block, one transformer), the random CLIP-L above, and a VAE with SD's
+  fixed encoder and a narrow decoder (ComfyUI reads the decoder's width from the file);
+* ``checkpoints/tiny_sd15_<format>.safetensors``: that checkpoint converted by our converter
+  (``convert_checkpoint``, its family rules: UNet and CLIP blocks quantized, VAE kept), for
+  the first format only (converting the CLIP-L takes 10-100 s per format on a CPU);
+* ``checkpoints/tiny_sd15_<format>_unet.safetensors``: the same with only the UNet quantized,
+  for ComfyUI's stock Load Checkpoint (which loads an SD1.x text encoder with plain operations).
 """
 from __future__ import annotations
 
@@ -115,8 +126,77 @@ def main(comfyui_dir: str, package_dir: str, models_dir: str, formats: list[str]
     os.makedirs(os.path.join(models_dir, "text_encoders"), exist_ok=True)
     save_file(te_sd, os.path.join(models_dir, "text_encoders", "clip_l_random.safetensors"))
 
+    write_checkpoints(models_dir, te_sd, formats[:1])  # converting the CLIP-L costs seconds per format
     print(f"wrote tiny Flux ({sum(v.numel() for v in sd.values())} params, {len(block_linears)} block linears), "
           f"formats {formats}, LoRA on {len(block_linears)} layers")
+
+
+# SD1.5's UNet, as small as ComfyUI's SD15 detection allows (model_channels 320, context 768).
+SD15_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
+    transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=-1, context_dim=768,
+    num_heads=8, use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+)
+# SD's VAE: ComfyUI builds the encoder from this fixed config; the decoder's width ("ch") it
+# reads from decoder.conv_in, so a narrow decoder keeps the file small and decoding fast.
+SD_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+VAE_DECODER_CH = 32
+
+
+def random_weights(state_dict: dict) -> dict:
+    """Trained-like random bf16 weights: ~N(0, 1/fan_in) for linears and convs, norm scales ~1."""
+    import torch
+
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            out[key] = value.contiguous()
+            continue
+        if value.dim() >= 2:
+            t = torch.randn(value.shape) / value[0].numel() ** 0.5
+        elif key.endswith(".weight") or key.endswith(".scale"):  # every 1-D weight here is a norm's scale
+            t = 1.0 + 0.1 * torch.randn(value.shape)
+        else:
+            t = 0.02 * torch.randn(value.shape)
+        out[key] = t.to(torch.bfloat16).contiguous()
+    return out
+
+
+def write_checkpoints(models_dir: str, clip_sd: dict, formats: list[str]) -> None:
+    """The full SD1.5-layout checkpoint in bf16 and converted to each of ``formats``."""
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy_lowbit.convert.converter import ConvertOptions, convert_checkpoint
+
+    torch.manual_seed(1)
+    unet = UNetModel(**SD15_UNET_CONFIG, dtype=torch.float32, device="meta", operations=comfy.ops.manual_cast)
+    vae = AutoencoderKL(ddconfig=SD_VAE_CONFIG, embed_dim=4,
+                        decoder_ddconfig=dict(SD_VAE_CONFIG, ch=VAE_DECODER_CH)).to("meta")
+    sd = {}
+    sd.update({f"model.diffusion_model.{k}": v for k, v in random_weights(unet.state_dict()).items()})
+    # SD1.5 checkpoints carry no text_projection (SD1.5 never uses the pooled output).
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_sd.items()
+               if not k.startswith("text_projection")})
+    sd.update({f"first_stage_model.{k}": v for k, v in random_weights(vae.state_dict()).items()})
+    folder = os.path.join(models_dir, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    bf16 = os.path.join(folder, "tiny_sd15_bf16.safetensors")
+    save_file(sd, bf16)
+    for fmt in formats:
+        summary = convert_checkpoint(bf16, os.path.join(folder, f"tiny_sd15_{fmt}.safetensors"),
+                                     ConvertOptions(format=fmt, device="cpu"), show_progress=False)
+        # ComfyUI's stock Load Checkpoint builds an SD1.x text encoder with plain operations
+        # (only the diffusion model gets its quantized-layer loader), so its file keeps the CLIP.
+        convert_checkpoint(bf16, os.path.join(folder, f"tiny_sd15_{fmt}_unet.safetensors"),
+                           ConvertOptions(format=fmt, device="cpu", exclude=("cond_stage_model.*",)),
+                           show_progress=False)
+        print(f"checkpoint {fmt}: quantized {len(summary.quantized)} layers, kept {len(summary.kept)} tensors "
+              f"({summary.families}), {summary.seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ What is checked, per format in the format table:
 each succeeds, writes a finite, non-constant image, and lands closer to the bf16+LoRA image
 than the LoRA moves the bf16 image (so the LoRA really applied, and quantization error is
 smaller than its effect).
+
+And the checkpoint loader (``LowBitCheckpointLoader``: MODEL, CLIP and VAE from one file) on a
+tiny random SD1.5-layout checkpoint, bf16 as is, converted to the first format by our
+converter, and quantized on load: its CLIP encodes the prompt, KSampler samples, its VAE
+decodes; each quantized image lands closer to the bf16 one than another prompt moves that,
+and the converted file and quantize-on-load give the same image. ComfyUI's stock
+``CheckpointLoaderSimple`` on a converted file (UNet only: ComfyUI loads an SD1.x
+checkpoint's text encoder with plain operations) is checked the same way.
 """
 from __future__ import annotations
 
@@ -279,6 +287,47 @@ def test_formats_sample_with_lora(comfy):
     if os.environ.get("COMFYUI_E2E_REPORT"):
         Path(os.environ["COMFYUI_E2E_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
     assert not failures, f"failed: {failures}"
+
+
+def test_checkpoint_loader_samples(comfy):
+    """LowBitCheckpointLoader on a full SD1.5-layout checkpoint: MODEL, CLIP and VAE from one file.
+
+    The bf16 file as is (the reference), the converter's file in the first format, and the bf16
+    file quantized on load in that format: each encodes a prompt with its CLIP, samples with its
+    MODEL, decodes with its VAE. A quantized run must land closer to the bf16 image than
+    changing the prompt moves the bf16 image (so the text encoder's output really reaches the
+    sampler, and quantization error is smaller than that); the converted file and
+    quantize-on-load must agree (both quantize the UNet's and the CLIP's blocks alike).
+    """
+    fmt, ui_name = next(iter(comfy.formats.items()))
+    prompt = "a photograph of an astronaut riding a horse"
+
+    def sample(ckpt: str, quantize: str, text: str, prefix: str):
+        pixels = _pixels(comfy.run("checkpoint_loader", ckpt=ckpt, quantize=quantize, prompt=text, prefix=prefix))
+        _check_image(pixels)
+        return pixels
+
+    ref = sample("tiny_sd15_bf16.safetensors", "none", prompt, "ckpt_bf16")
+    other = sample("tiny_sd15_bf16.safetensors", "none", "a watercolor of a lighthouse at night", "ckpt_bf16_other")
+    prompt_effect = _distance(other, ref)
+    assert prompt_effect > 0.01, f"another prompt changes the bf16 image by only {prompt_effect:.4f}"
+    from_file = sample(f"tiny_sd15_{fmt}.safetensors", "none", prompt, f"ckpt_{fmt}_file")
+    on_load = sample("tiny_sd15_bf16.safetensors", ui_name, prompt, f"ckpt_{fmt}_onload")
+    # ComfyUI's own Load Checkpoint (our stock_loaders registration) on a file whose UNet only
+    # is converted: ComfyUI builds an SD1.x checkpoint's text encoder with plain operations.
+    stock = _pixels(comfy.run("stock_checkpoint_loader", ckpt=f"tiny_sd15_{fmt}_unet.safetensors", prompt=prompt,
+                              prefix=f"ckpt_{fmt}_stock"))
+    _check_image(stock)
+    report = {"prompt_effect": prompt_effect, f"{fmt}/file": _distance(from_file, ref),
+              f"{fmt}/on_load": _distance(on_load, ref), f"{fmt}/stock_loader": _distance(stock, ref),
+              "file_vs_on_load": _distance(from_file, on_load)}
+    print("checkpoint loader, distances between images:", json.dumps(report))
+    for name in (f"{fmt}/file", f"{fmt}/on_load", f"{fmt}/stock_loader"):
+        err = report[name]
+        assert 0 < err < prompt_effect, f"{name}: {err:.4f} from bf16; another prompt moves it {prompt_effect:.4f}"
+    # Quantize-on-load keeps what the converter keeps and quantizes the rest the same way (UNet
+    # and CLIP blocks), so both images agree (to the pixel on a CPU).
+    assert report["file_vs_on_load"] <= 0.25 * report[f"{fmt}/file"], report
 
 
 if __name__ == "__main__":

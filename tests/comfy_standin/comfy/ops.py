@@ -24,6 +24,9 @@ class manual_cast:
 def _load_quantized_module(module, super_load, state_dict, prefix, local_metadata, strict,
                            missing_keys, unexpected_keys, error_msgs, load_extra_params=False):
     weight = state_dict.pop(f"{prefix}weight", None)
+    if weight is None:  # ComfyUI 0.29: a warning, and the layer is left without a weight
+        module.weight = None
+        return
     conf = state_dict.pop(f"{prefix}comfy_quant", None)
     if conf is not None:
         fmt = json.loads(conf.numpy().tobytes()).get("format")
