@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from . import bnb4_codec
+from .tiling import grouped_tile_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning compiles every config for every constexpr combination; the GPU tests, which cover
@@ -214,15 +215,7 @@ def _bnb4_matmul_kernel(
     INTERPRETED: tl.constexpr,
     PAIR: tl.constexpr,
 ):
-    # Program order: GROUP_M tiles of rows of x share the sweep over N, so the x rows stay in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

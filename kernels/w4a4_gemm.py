@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import grouped_tile_ids
+
 GROUP = 64
 DOT_KINDS = ("int8", "int8_i2f", "fp8")
 CVT_MAGIC: tl.constexpr = tl.constexpr(0x4B400000)
@@ -137,15 +139,7 @@ def w4a4_gemm_kernel(
     # SPLIT_K > 1 (small M): program (i, s) sums the s-th slice of the groups and adds it into a
     # zeroed fp32 ``out`` with atomics; slice 0 also adds the low-rank term and the bias.
     # PAIRS: two groups per iteration (both MMAs issued before either is scaled).
-    # Grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
