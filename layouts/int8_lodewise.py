@@ -164,8 +164,21 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
             out = w8a16_matmul(x2, w_q, w_scale, block, bias)
         else:
             a_q, a_scale_t = quantize_rows(x2, block)
-            out = w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=x.dtype)
+            out = _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, x.dtype)
         return out.reshape(*x.shape[:-1], n)
+
+
+def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
+    """The Hopper kernel (rescales overlapped with the MMAs) where it applies, else the
+    portable one; both compute the same sums (kernels/int8_gemm*.py)."""
+    from ..kernels.sm90 import sm90_kernels_enabled
+
+    if sm90_kernels_enabled(a_q.device):
+        from ..kernels import int8_gemm_sm90
+
+        if int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
+            return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype)
+    return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------- checks

@@ -255,3 +255,69 @@ def test_autotuned_paths_on_gpu(m, monkeypatch):
     _check_weight_only(w8a16_matmul(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
     q, scale_t = quantize_rows(x, block)
     _check_w8a8(w8a8_matmul(q, scale_t, w_q, w_s, block, bias), q, scale_t, w_q, w_s, block, bias)
+
+
+# ----------------------------------------------------------------------------- Hopper (Gluon)
+
+from sm90_support import assert_async_and_unspilled, compile_for_sm90, needs_gluon  # noqa: E402
+
+SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+@needs_gluon
+@pytest.mark.parametrize("block", (64, 128))
+def test_sm90_w8a8_compiles_for_hopper(block):
+    """CI has no GPU: build the Gluon kernel for sm_90 from a launch's arguments (frontend,
+    layouts and ptxas), and check the MMAs stayed asynchronous and nothing spilled."""
+    from comfy_lowbit.kernels import int8_gemm_sm90 as sm90
+
+    m, n, k = 300, 200, 4 * block
+    a_q = torch.zeros(m, k, dtype=torch.int8)
+    w_q = torch.zeros(n, k, dtype=torch.int8)
+    a_scale_t = torch.zeros(k // block, m)
+    w_scale = column_major(torch.zeros(n, k // block))
+    out = torch.zeros(m, n, dtype=torch.bfloat16)
+    a_desc, w_desc, sa_desc, sw_desc = sm90.descriptors(a_q, a_scale_t, w_q, w_scale, block)
+    args = dict(a_desc=a_desc, w_desc=w_desc, sa_desc=sa_desc, sw_desc=sw_desc, bias_ptr=out, out_ptr=out,
+                M=m, N=n, K=k, stride_om=n)
+    kernel = compile_for_sm90(sm90._w8a8_sm90_kernel, args, dict(HAS_BIAS=True, STAGES=sm90.STAGES, GROUP_M=8,
+                                                                  num_warps=sm90.NUM_WARPS), sm90.NUM_WARPS)
+    ptx = kernel.asm["ptx"]
+    assert ptx.count("wgmma.mma_async") >= 4 and "wgmma.wait_group.sync.aligned 1" in ptx
+    assert_async_and_unspilled(ptx)
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+@pytest.mark.parametrize("block", (64, 128))
+@pytest.mark.parametrize("m,n,kb", [(1, 40, 1), (17, 200, 2), (300, 264, 3), (129, 136, 5), (1000, 520, 8)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype):
+    from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=m + n + kb)
+    x = outlier_matrix(m, k, seed=m * n + kb, scale=25.0).to(torch.bfloat16)
+    bias = torch.randn(n).to(out_dtype).to(KERNEL_DEVICE) if m % 2 else None
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+def test_sm90_w8a8_propagates_nan_and_refuses_what_tma_cannot_read():
+    from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+
+    block, m, n, k = 128, 70, 48, 512
+    w_q, w_s = _weight(n, k, block, seed=3)
+    x = outlier_matrix(m, k, seed=4).to(torch.bfloat16)
+    x[5, 300] = float("nan")
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, None, torch.float32).cpu()
+    assert torch.isnan(out[5]).all() and torch.isfinite(out[torch.arange(m) != 5]).all()
+    with pytest.raises(ValueError, match="column-major"):
+        w8a8_matmul_sm90(q, scale_t, w_q, w_s.contiguous(), block)
+    with pytest.raises(ValueError, match="blocks"):
+        q256, s256 = _quantize_on_device(x, 256)
+        w256, ws256 = _weight(n, k, 256, seed=3)
+        w8a8_matmul_sm90(q256, s256, w256, ws256, 256)

@@ -1,0 +1,45 @@
+"""When the Hopper (sm_90) Gluon kernels may run, decided per call, never at import.
+
+The Gluon kernels (``*_sm90.py``) use Hopper's asynchronous ``wgmma`` and TMA copies, which
+the portable ``tl.dot`` kernels cannot schedule the way the per-block rescales need (see
+benchmarks/NOTES.md). They run only where all of these hold:
+
+* the tensor is on a CUDA device of compute capability 9.x (wgmma is sm_90a-only);
+* this Triton ships ``triton.experimental.gluon`` with the Hopper module;
+* ``COMFY_LOWBIT_SM90`` is not ``0`` (to compare against, or fall back to, the portable path).
+
+Everything else (other GPUs, the interpreter, older Triton) uses the portable kernels, which
+compute the same math.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=1)
+def gluon_importable() -> bool:
+    """True when this Triton has Gluon's Hopper API (it moved between releases)."""
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sm90_kernels_enabled(device: torch.device) -> bool:
+    """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("COMFY_LOWBIT_SM90", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9 and gluon_importable()
