@@ -46,7 +46,7 @@ from comfy_kitchen.tensor import QuantizedTensor  # noqa: E402
 from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a16_matmul  # noqa: E402
 from comfy_lowbit.kernels.int8_gemv import w8a16_gemv  # noqa: E402
 from comfy_lowbit.kernels.int8_quant import quantize_rows  # noqa: E402
-from comfy_lowbit.kernels.sm90 import sm90_kernels_enabled  # noqa: E402
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
 from comfy_lowbit.layouts.int8_lodewise import W8A16_MAX_M  # noqa: E402
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
@@ -158,7 +158,7 @@ def make_methods(w, bias):
 
     int8_bytes = lambda m: 2 * m * k + n * k + 4 * n * (k // BLOCK) + 2 * m * n  # noqa: E731
     methods["w8a8"] = (w8a8, int8_bytes, "int8")
-    if sm90_kernels_enabled(w.device):
+    if hopper_with_gluon(w.device):
         methods["w8a8_sm90"] = (w8a8_sm90, int8_bytes, "int8")
         methods["gemm_sm90"] = (gemm_sm90, int8_bytes, "int8")
     methods["w8a16"] = (w8a16, int8_bytes, "w8a16")
@@ -243,7 +243,7 @@ def run_variants(shapes, m: int, dev) -> None:
                 print(f"{k:>6} {n:>6} {label:<32} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)
             except Exception as exc:
                 print(f"{k:>6} {n:>6} {label:<32} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-        if not sm90_kernels_enabled(w.device):
+        if not hopper_with_gluon(w.device):
             continue
         from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
         for block in (64, 128):

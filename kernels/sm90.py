@@ -6,7 +6,9 @@ benchmarks/NOTES.md). They run only where all of these hold:
 
 * the tensor is on a CUDA device of compute capability 9.x (wgmma is sm_90a-only);
 * this Triton ships ``triton.experimental.gluon`` with the Hopper module;
-* ``COMFY_LOWBIT_SM90`` is not ``0`` (to compare against, or fall back to, the portable path).
+* ``COMFY_LOWBIT_SM90=1`` is set. They are opt-in until they have passed their GPU tests and
+  been measured on an H100: they were written in a session with no GPU (compiled for sm_90
+  and checked with ptxas only; benchmarks/NOTES.md). The default flips once they have.
 
 Everything else (other GPUs, the interpreter, older Triton) uses the portable kernels, which
 compute the same math.
@@ -35,11 +37,14 @@ def gluon_importable() -> bool:
     return True
 
 
-def sm90_kernels_enabled(device: torch.device) -> bool:
-    """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
+def hopper_with_gluon(device: torch.device) -> bool:
+    """Whether the Gluon kernels can run for a tensor on ``device`` (whether or not enabled)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("COMFY_LOWBIT_SM90", "1") == "0":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9 and gluon_importable()
+
+
+def sm90_kernels_enabled(device: torch.device) -> bool:
+    """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
+    return os.environ.get("COMFY_LOWBIT_SM90", "0") == "1" and hopper_with_gluon(device)

@@ -259,9 +259,11 @@ def test_autotuned_paths_on_gpu(m, monkeypatch):
 
 # ----------------------------------------------------------------------------- Hopper (Gluon)
 
+from comfy_lowbit.kernels import sm90  # noqa: E402
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
 from sm90_support import assert_async_and_unspilled, compile_for_sm90, needs_gluon  # noqa: E402
 
-SM90 = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
 
 
 @needs_gluon
@@ -321,3 +323,27 @@ def test_sm90_w8a8_propagates_nan_and_refuses_what_tma_cannot_read():
         q256, s256 = _quantize_on_device(x, 256)
         w256, ws256 = _weight(n, k, 256, seed=3)
         w8a8_matmul_sm90(q256, s256, w256, ws256, 256)
+
+
+@needs_gluon
+@pytest.mark.parametrize("enabled,block,scale_layout,expected", [
+    ("1", 128, "column", "sm90"), ("1", 64, "column", "sm90"), ("0", 128, "column", "portable"),
+    (None, 128, "column", "portable"), ("1", 256, "column", "portable"), ("1", 128, "row", "portable"),
+])
+def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypatch, enabled, block, scale_layout, expected):
+    """The dispatch rule on the CPU: the calls are recorded, not run."""
+    from comfy_lowbit.kernels import int8_gemm_sm90
+    from comfy_lowbit.layouts import int8_lodewise
+
+    if enabled is None:
+        monkeypatch.delenv("COMFY_LOWBIT_SM90", raising=False)
+    else:
+        monkeypatch.setenv("COMFY_LOWBIT_SM90", enabled)
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    calls = []
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90"))
+    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
+    w_q, w_s = _weight(48, 2 * block, block, seed=1, scale_layout=scale_layout)
+    q, scale_t = quantize_blockwise_reference(outlier_matrix(5, 2 * block, seed=2), block)
+    int8_lodewise._w8a8(q, scale_t.t().contiguous(), w_q, w_s, block, None, torch.bfloat16)
+    assert calls == [expected]
