@@ -243,16 +243,15 @@ def run_variants(shapes, m: int, dev) -> None:
                 print(f"{k:>6} {n:>6} {label:<32} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)
             except Exception as exc:
                 print(f"{k:>6} {n:>6} {label:<32} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-        if not hopper_with_gluon(w.device):
-            continue
-        from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
-        for block in (64, 128):
-            for stages in (3, 4, 5):
+        if hopper_with_gluon(w.device):
+            from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+            for block, stages, producer in [(b, s, p) for b in (64, 128) for s in (3, 4, 5) for p in (False, True)]:
                 a_q, a_s = quantize_rows(x, block)
                 w_s = (torch.rand(k // block, n, device=dev) + 0.5).t()
-                label = f"sm90 128x128 w8 s{stages} B{block}"
+                label = f"sm90 128x128 w8 s{stages} B{block}{' +producer warp' if producer else ''}"
                 try:
-                    fn = lambda: w8a8_matmul_sm90(a_q, a_s, w, w_s, block, None, torch.bfloat16, stages=stages)  # noqa: E731
+                    fn = lambda: w8a8_matmul_sm90(a_q, a_s, w, w_s, block, None, torch.bfloat16, stages=stages,  # noqa: E731
+                                                  producer_warp=producer)
                     fn()
                     us = bench(fn)
                     print(f"{k:>6} {n:>6} {label:<32} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)

@@ -43,6 +43,7 @@ BLOCK_M = 128
 BLOCK_N = 128
 NUM_WARPS = 8
 STAGES = 4
+PRODUCER_REGISTERS = gl.constexpr(40)  # the producer warp only computes coordinates
 SUPPORTED_BLOCKS = (64, 128)
 
 
@@ -110,45 +111,39 @@ def _reuse(converted):
 
 
 @gluon.jit
-def _refill(descs, smem, ready, retired, off_m, off_n, M, N, n_blocks):
-    """Block ``retired``'s MMA has finished in both warpgroups and its scales are in
-    registers (the barrier): its stage takes block retired + STAGES."""
+def _release(descs, smem, ready, empty, retired, off_m, off_n, M, N, n_blocks, PRODUCER_WARP: gl.constexpr):
+    """Block ``retired``'s MMA has finished in both warpgroups and its scales are read (the
+    barrier): hand its stage back, to the producer warp (``empty``) or by loading block
+    retired + STAGES into it here."""
     cta_barrier()
-    nxt = retired + smem[0].shape[0]
-    _load_block(descs, smem, ready, nxt, off_m, off_n, M, N, nxt < n_blocks)
+    if PRODUCER_WARP:
+        mbarrier.arrive(empty.index(retired % smem[0].shape[0]), count=1)
+    else:
+        nxt = retired + smem[0].shape[0]
+        _load_block(descs, smem, ready, nxt, off_m, off_n, M, N, nxt < n_blocks)
 
 
 @gluon.jit
-def _w8a8_sm90_kernel(
-    a_desc, w_desc, sa_desc, sw_desc, bias_ptr, out_ptr, M, N, K, stride_om,
-    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
-):
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    QBLOCK: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+def _produce(descs, smem, ready, empty, off_m, off_n, M, N, n_blocks):
+    """The producer warp: load block b into stage b % STAGES once the consumers released it."""
+    stages = smem[0].shape[0]
+    for b in range(n_blocks):
+        # A fresh barrier is in phase 0, so waiting for phase 1 passes: the first round of
+        # stages is free.
+        mbarrier.wait(empty.index(b % stages), ((b // stages) & 1) ^ 1)
+        _load_block(descs, smem, ready, b, off_m, off_n, M, N, True)
+
+
+@gluon.jit
+def _consume(descs, smem, ready, empty, bias_ptr, out_ptr, off_m, off_n, M, N, n_blocks, stride_om,
+             HAS_BIAS: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+    """The MMA + rescale main loop over the K blocks, then the epilogue (bias, cast, store)."""
+    BLOCK_M: gl.constexpr = smem[0].shape[1]
+    BLOCK_N: gl.constexpr = smem[1].shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
     col_layout: gl.constexpr = gl.SliceLayout(0, mma)
-
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    n_blocks = K // QBLOCK
-
-    descs = (a_desc, w_desc, sa_desc, sw_desc)
-    smem = (
-        gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, QBLOCK], a_desc.layout),
-        gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, QBLOCK], w_desc.layout),
-        gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], sa_desc.layout),
-        gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], sw_desc.layout),
-    )
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-    for s in gl.static_range(STAGES):
-        _load_block(descs, smem, ready, s, off_m, off_n, M, N, s < n_blocks)
-
     # Two int32 partial tiles with fixed roles, X for even blocks and Y for odd ones (the loop
     # takes blocks in pairs): swapping roles every block would make the compiler copy a tile
     # a wgmma is still writing, which serialises every wgmma. A retired tile is converted to
@@ -160,11 +155,11 @@ def _w8a8_sm90_kernel(
         y_busy = _issue(smem, ready, b, y_free)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])  # block b-1
         acc, x = _rescale(acc, x, smem, b - 1, row_layout, col_layout)
-        _refill(descs, smem, ready, b - 1, off_m, off_n, M, N, n_blocks)
+        _release(descs, smem, ready, empty, b - 1, off_m, off_n, M, N, n_blocks, PRODUCER_WARP)
         x_busy = _issue(smem, ready, b + 1, _reuse(x))
         y = warpgroup_mma_wait(num_outstanding=1, deps=[y_busy])  # block b
         acc, y = _rescale(acc, y, smem, b, row_layout, col_layout)
-        _refill(descs, smem, ready, b, off_m, off_n, M, N, n_blocks)
+        _release(descs, smem, ready, empty, b, off_m, off_n, M, N, n_blocks, PRODUCER_WARP)
         y_free = _reuse(y)
     if n_blocks % 2 == 0:  # one odd block left: into Y
         y_busy = _issue(smem, ready, n_blocks - 1, y_free)
@@ -175,8 +170,6 @@ def _w8a8_sm90_kernel(
     else:
         x = warpgroup_mma_wait(num_outstanding=0, deps=[x_busy])
         acc, x = _rescale(acc, x, smem, n_blocks - 1, row_layout, col_layout)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
 
     if HAS_BIAS:
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
@@ -190,6 +183,51 @@ def _w8a8_sm90_kernel(
     cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     gl.store(out_ptr + rows[:, None].to(gl.int64) * stride_om + cols[None, :], out, mask=mask)
+
+
+@gluon.jit
+def _w8a8_sm90_kernel(
+    a_desc, w_desc, sa_desc, sw_desc, bias_ptr, out_ptr, M, N, K, stride_om,
+    HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """One 128x128 output tile per program. PRODUCER_WARP: one extra warp issues every TMA
+    load (warp specialisation), so the MMA warps meet one barrier per block instead of one
+    per copy; otherwise the MMA warps refill the ring themselves."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    QBLOCK: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    n_blocks = K // QBLOCK
+
+    descs = (a_desc, w_desc, sa_desc, sw_desc)
+    smem = (
+        gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, QBLOCK], a_desc.layout),
+        gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, QBLOCK], w_desc.layout),
+        gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], sa_desc.layout),
+        gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], sw_desc.layout),
+    )
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    if PRODUCER_WARP:
+        gl.warp_specialize([
+            (_consume, (descs, smem, ready, empty, bias_ptr, out_ptr, off_m, off_n, M, N, n_blocks, stride_om,
+                        HAS_BIAS, PRODUCER_WARP, num_warps)),
+            (_produce, (descs, smem, ready, empty, off_m, off_n, M, N, n_blocks)),
+        ], [1], [PRODUCER_REGISTERS])
+    else:
+        for s in gl.static_range(STAGES):
+            _load_block(descs, smem, ready, s, off_m, off_n, M, N, s < n_blocks)
+        _consume(descs, smem, ready, empty, bias_ptr, out_ptr, off_m, off_n, M, N, n_blocks, stride_om,
+                 HAS_BIAS, PRODUCER_WARP, num_warps)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
 
 
 def descriptors(a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int):
@@ -217,7 +255,7 @@ def accepts(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_s
 def w8a8_matmul_sm90(
     a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *, group_m: int = 8,
-    stages: int = STAGES,
+    stages: int = STAGES, producer_warp: bool = False,
 ) -> torch.Tensor:
     """``int8_gemm.w8a8_matmul`` on Hopper; the caller checks ``sm90.sm90_kernels_enabled``
     and ``accepts``."""
@@ -234,6 +272,7 @@ def w8a8_matmul_sm90(
     _w8a8_sm90_kernel[grid](
         *descriptors(a_q, a_scale_t, w_q, w_scale, block_size), bias if bias is not None else out, out,
         m, n, k, out.stride(0),
-        HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=group_m, num_warps=NUM_WARPS,
+        HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=group_m, PRODUCER_WARP=producer_warp,
+        num_warps=NUM_WARPS,
     )
     return out

@@ -268,7 +268,8 @@ SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
 
 @needs_gluon
 @pytest.mark.parametrize("block", (64, 128))
-def test_sm90_w8a8_compiles_for_hopper(block):
+@pytest.mark.parametrize("producer_warp", (False, True))
+def test_sm90_w8a8_compiles_for_hopper(block, producer_warp):
     """CI has no GPU: build the Gluon kernel for sm_90 from a launch's arguments (frontend,
     layouts and ptxas), and check the MMAs stayed asynchronous and nothing spilled."""
     from comfy_lowbit.kernels import int8_gemm_sm90 as sm90
@@ -283,7 +284,8 @@ def test_sm90_w8a8_compiles_for_hopper(block):
     args = dict(a_desc=a_desc, w_desc=w_desc, sa_desc=sa_desc, sw_desc=sw_desc, bias_ptr=out, out_ptr=out,
                 M=m, N=n, K=k, stride_om=n)
     kernel = compile_for_sm90(sm90._w8a8_sm90_kernel, args, dict(HAS_BIAS=True, STAGES=sm90.STAGES, GROUP_M=8,
-                                                                  num_warps=sm90.NUM_WARPS), sm90.NUM_WARPS)
+                                                                  PRODUCER_WARP=producer_warp, num_warps=sm90.NUM_WARPS),
+                              sm90.NUM_WARPS)
     ptx = kernel.asm["ptx"]
     assert ptx.count("wgmma.mma_async") >= 4 and "wgmma.wait_group.sync.aligned 1" in ptx
     assert_async_and_unspilled(ptx)
@@ -293,7 +295,8 @@ def test_sm90_w8a8_compiles_for_hopper(block):
 @pytest.mark.parametrize("block", (64, 128))
 @pytest.mark.parametrize("m,n,kb", [(1, 40, 1), (17, 200, 2), (300, 264, 3), (129, 136, 5), (1000, 520, 8)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype):
+@pytest.mark.parametrize("producer_warp", (False, True))
+def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, producer_warp):
     from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
 
     k = kb * block
@@ -301,7 +304,7 @@ def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype):
     x = outlier_matrix(m, k, seed=m * n + kb, scale=25.0).to(torch.bfloat16)
     bias = torch.randn(n).to(out_dtype).to(KERNEL_DEVICE) if m % 2 else None
     q, scale_t = _quantize_on_device(x, block)
-    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype, producer_warp=producer_warp)
     assert out.shape == (m, n) and out.dtype == out_dtype
     _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
 
