@@ -16,8 +16,10 @@ quantization block B (64 by default):
 Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 ``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
 
-Three paths; ``choose_path`` picks by the number of rows M of x, from the H100 measurements
-in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for M >= 2):
+Three portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
+measurements in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for
+M >= 2). On Hopper, with ``COMFY_LOWBIT_SM90=1``, large M takes ``fused_sm90`` instead
+(``kernels/bnb4_gemm_sm90.py``: decode in the main loop overlapped with async wgmma):
 
 * ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading
   each packed byte once; x is read as element pairs so its tile indexes like the byte tile;
@@ -436,7 +438,8 @@ def bnb4_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for x of shape (..., K) in fp16/bf16/fp32; output in x's dtype.
 
-    ``path`` forces one of ``gemv``/``fused``/``dequant_cublas`` (benchmarks, tests); ``out``
+    ``path`` forces one of ``gemv``/``fused``/``fused_sm90``/``dequant_cublas`` (benchmarks,
+    tests); ``out``
     (contiguous, (M, N) with M the rows of x) lets tests hand in a poisoned buffer.
     """
     check_inputs(x, w, bias)
@@ -453,11 +456,13 @@ def bnb4_linear(
             _fail("out", f"contiguous {(m, n)} {x.dtype}", f"{tuple(out.shape)} {out.dtype} {out.stride()}")
     if m == 0:
         return out.reshape(*lead, n)
-    path = path or choose_path(m)
+    path = path or _sm90_path(x2, w) or choose_path(m)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
     elif path == "fused":
         _launch_matmul(x2, w, bias, out)
+    elif path == "fused_sm90":
+        _launch_sm90(x2, w, bias, out)
     elif path == "dequant_cublas":
         weight = dequantize(w, x.dtype, scratch=True)
         if bias is None:
@@ -465,11 +470,43 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'fused' or 'dequant_cublas', got {path!r}")
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'fused', 'fused_sm90' or 'dequant_cublas', got {path!r}")
     return out.reshape(*lead, n)
 
 
 _X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
+
+
+# The Hopper fused GEMM (kernels/bnb4_gemm_sm90.py, opt-in until measured): where it has at
+# least this many 256 x 128 output tiles, about two waves on a 132-SM H100, so that no SMs idle.
+SM90_MIN_TILES = 256
+
+
+def _sm90_path(x2: torch.Tensor, w: Bnb4Weight) -> str | None:
+    """``"fused_sm90"`` where the Hopper kernel is enabled and takes these operands, else None."""
+    from .sm90 import sm90_kernels_enabled
+
+    m, (n, k) = x2.shape[0], w.shape
+    if m < 512 or not sm90_kernels_enabled(x2.device):
+        return None
+    from . import bnb4_gemm_sm90
+
+    tiles = triton.cdiv(m, bnb4_gemm_sm90.BLOCK_M) * triton.cdiv(n, bnb4_gemm_sm90.BLOCK_N)
+    if tiles < SM90_MIN_TILES or not bnb4_gemm_sm90.accepts(x2, w.packed, k, w.block_size):
+        return None
+    return "fused_sm90"
+
+
+def _launch_sm90(x2, w: Bnb4Weight, bias, out) -> None:
+    from . import bnb4_gemm_sm90
+
+    n, k = w.shape
+    if not bnb4_gemm_sm90.accepts(x2, w.packed, k, w.block_size):
+        _fail("fused_sm90 operands", "bf16/fp16 x with 16-byte aligned rows, K and block multiples of 64",
+              f"{x2.dtype} strides {x2.stride()}, K={k}, block {w.block_size}")
+    code, _, dyn = _constants(w.quant_type, x2.device)
+    bnb4_gemm_sm90.w4a16_matmul_sm90(x2, w.packed, code, *_absmax_args(w, dyn), w.shape, w.block_size,
+                                      w.double_quant, bias, out)
 
 
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
