@@ -29,15 +29,11 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon_common import cta_barrier, tile_ids, tma_load
 from .int8_gemm import OUT_DTYPES, check_w8a8_operands
-
-# Triton 3.6 names the TMA load async_copy_global_to_shared; later releases, async_load.
-tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# and its CTA barrier thread_barrier; later releases, barrier.
-cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 BLOCK_M = 128
 BLOCK_N = 128
@@ -45,20 +41,6 @@ NUM_WARPS = 8
 STAGES = 4
 PRODUCER_REGISTERS = gl.constexpr(40)  # the producer warp only computes coordinates
 SUPPORTED_BLOCKS = (64, 128)
-
-
-@gluon.jit
-def _tile_ids(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """Grouped order (as ``tiling.grouped_tile_ids``): GROUP_M row tiles share weight tiles in L2."""
-    pid = gl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = gl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
 
 
 @gluon.jit
@@ -197,7 +179,7 @@ def _w8a8_sm90_kernel(
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     QBLOCK: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     n_blocks = K // QBLOCK
