@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_common import cta_barrier, tile_ids, tma_load
+from .gluon_common import cta_barrier, store_tile, tile_ids, tma_load
 
 BLOCK_M = 256
 BLOCK_N = 128
@@ -142,17 +142,7 @@ def _w4a16_sm90_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
 
-    if HAS_BIAS:
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        acc += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-    VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
-    TN: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
-    store_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [num_warps, 1], [1, 0])
-    out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), store_layout)
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    gl.store(out_ptr + rows[:, None].to(gl.int64) * stride_om + cols[None, :], out, mask=mask)
+    store_tile(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, HAS_BIAS, num_warps)
 
 
 def descriptors(x2: torch.Tensor, packed: torch.Tensor, n: int, k: int):

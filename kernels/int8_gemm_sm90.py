@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_common import cta_barrier, tile_ids, tma_load
+from .gluon_common import cta_barrier, store_tile, tile_ids, tma_load
 from .int8_gemm import OUT_DTYPES, check_w8a8_operands
 
 BLOCK_M = 128
@@ -153,18 +153,7 @@ def _consume(descs, smem, ready, empty, bias_ptr, out_ptr, off_m, off_n, M, N, n
         x = warpgroup_mma_wait(num_outstanding=0, deps=[x_busy])
         acc, x = _rescale(acc, x, smem, n_blocks - 1, row_layout, col_layout)
 
-    if HAS_BIAS:
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
-        acc += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-    # Stores: 16 contiguous bytes per thread along N instead of the MMA layout's pairs.
-    VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
-    TN: gl.constexpr = BLOCK_N // VEC if BLOCK_N // VEC < 32 else 32
-    store_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [num_warps, 1], [1, 0])
-    out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), store_layout)
-    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    gl.store(out_ptr + rows[:, None].to(gl.int64) * stride_om + cols[None, :], out, mask=mask)
+    store_tile(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, HAS_BIAS, num_warps)
 
 
 @gluon.jit
