@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,6 +42,8 @@ import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
+from ..kernels.w4a4_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
 from .base import LowBitLayout, format_error
 
@@ -54,6 +57,13 @@ _SUFFIXES = ("", "_scale", "_proj_down", "_proj_up", "_smooth_factor")
 # From this many input rows on, expand the weight to 8-bit codes once per call and run the
 # streaming GEMM (benchmarks/NOTES.md, W4A4: the fused in-register unpack loses there).
 UNPACK_MIN_ROWS = 256
+
+
+def _experimental() -> bool:
+    """``COMFY_LOWBIT_EXPERIMENTAL=1`` (read per call) routes up to ``GEMV_MAX_ROWS`` rows to
+    the dp4a GEMV (kernels/w4a4_gemv.py): written and compiled for sm_90 in a session without
+    a GPU, it stays opt-in until its GPU tests pass and it is measured (benchmarks/NOTES.md)."""
+    return os.environ.get("COMFY_LOWBIT_EXPERIMENTAL", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,6 +265,8 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            if x2d.shape[0] <= GEMV_MAX_ROWS and _experimental():
+                return _gemv_linear(x2d, qweight, p, bias, x.dtype).reshape(*x.shape[:-1], n)
             dot = _dot_kind(x.device)
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
@@ -264,6 +276,15 @@ class W4A4Layout(LowBitLayout):
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
         return out.reshape(*x.shape[:-1], n)
+
+
+def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Small M: two launches, the quantizer (int8 codes, few low-rank partials) and the GEMV."""
+    m, k = x2d.shape
+    codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned,
+                                                chunks=lora_chunks(m, k), codes_dtype=torch.int8)
+    return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype)
 
 
 def w4a4_linear_reference(x2d: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
