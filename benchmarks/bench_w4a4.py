@@ -14,6 +14,7 @@ running our calibrated weights.
 
 Usage: python benchmarks/bench_w4a4.py [--quick] [--variants] [--shapes 3072x12288,...] [--batches 1,16,...]
        python benchmarks/bench_w4a4.py --small-m [--shapes ...]   (only the M <= 16 section)
+       python benchmarks/bench_w4a4.py --quant [--shapes ...] [--batches ...]   (quantizer variants)
 
 ``--small-m``: the M <= 16 plans in CUDA graphs (what a sampler loop replays), on rotating
 copies of the weights (> 120 MB per replay, so no copy is still in L2): bf16 F.linear, our
@@ -165,6 +166,44 @@ def small_m_section(shapes, batches):
             print(f"GEMV tile K={k} N={n} M=1 {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
 
 
+QUANT_VARIANTS = [
+    {},  # v3 default
+    {"FAST_DIV": True},
+    {"FAST_DIV": True, "BLOCK_M": 32},
+    {"FAST_DIV": True, "STEP_GROUPS": 2},
+    {"FAST_DIV": True, "BLOCK_M": 32, "STEP_GROUPS": 2, "num_warps": 8},
+    {"FAST_DIV": True, "BLOCK_M": 64},
+    {"FAST_DIV": True, "programs": 2048},
+    {"FAST_DIV": True, "BLOCK_M": 32, "programs": 512},
+    {"FAST_DIV": True, "num_stages": 4},
+]
+
+
+def quant_section(ks, batches):
+    """Activation-quantizer variants (kernels/w4a4_quantize.py ``config``) in CUDA graphs (no
+    launch overhead in the figure): time, bandwidth, floor, codes changed vs the default."""
+    print("\n## Activation quantizer variants (CUDA graphs; bytes = x + codes + scales + low-rank partials)")
+    for k in ks:
+        smooth = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+        down = (torch.randn(k, RANK, device="cuda") / 8).to(torch.bfloat16)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xs = [x] + [x.clone() for _ in range(copies_for(x.numel() * 2) - 1)]  # none left in L2
+            base = quantize_activations(x, smooth, down, codes_dtype=torch.float8_e4m3fn)
+            for cfg in QUANT_VARIANTS:
+                try:
+                    q = quantize_activations(x, smooth, down, codes_dtype=torch.float8_e4m3fn, config=cfg)
+                    t = graph_us([lambda xi=xi: quantize_activations(xi, smooth, down, codes_dtype=torch.float8_e4m3fn, config=cfg)
+                                  for xi in xs])
+                except Exception as exc:  # noqa: BLE001 - a variant may not compile or fit
+                    print(f"quant K={k} M={m} {cfg}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                    continue
+                nbytes = m * k * 2 + m * k + (k // 64) * m * 4 + q[2].numel() * 4
+                changed = (q[0].float() != base[0].float()).float().mean().item()
+                print(f"quant K={k} M={m} {cfg or 'v3 default'}: {t:7.1f} us  {nbytes / t / 1e3:6.0f} GB/s  "
+                      f"floor {nbytes / 3.0e12 * 1e6:5.1f} us  codes changed vs default {changed:.1e}", flush=True)
+
+
 def parse_shapes(text):
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
@@ -176,6 +215,7 @@ def main():
     ap.add_argument("--shapes", type=parse_shapes, help="KxN list, e.g. 3072x12288,12288x3072")
     ap.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",")], help="M list, e.g. 1,4096")
     ap.add_argument("--small-m", action="store_true", help="only the M <= 16 CUDA-graph section (GEMV plan vs default)")
+    ap.add_argument("--quant", action="store_true", help="only the activation-quantizer variants (K of --shapes, M of --batches)")
     args = ap.parse_args()
     shapes, batches = (SHAPES[1:2], [1, 4096]) if args.quick else (SHAPES, BATCHES)
     shapes = args.shapes or shapes
@@ -190,6 +230,9 @@ def main():
     fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
     if args.small_m:
         small_m_section(shapes, args.batches or [1, 2, 4, 8, 16])
+        return 0
+    if args.quant:
+        quant_section(sorted({k for k, _ in (args.shapes or SHAPES)}), args.batches or [4096, 16384])
         return 0
     bw, bf16_peak, int8_peak = ceilings()
     print(f"# ceilings: copy {bw / 1e12:.2f} TB/s, bf16 mm {bf16_peak / 1e12:.0f} TFLOP/s, int8 _int_mm {int8_peak / 1e12:.0f} TOP/s")

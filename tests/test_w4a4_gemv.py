@@ -132,6 +132,16 @@ for rows in (1, 2, 4, 8):
     branches = re.findall(r"/\*([0-9a-f]{4})\*/[^\n]*BRA[^\n]*?0x([0-9a-f]+)", sass)
     loops = [(int(t, 16), int(a, 16)) for a, t in branches if int(t, 16) < int(a, 16)]
     result[rows] = [[op for a, op in code if lo <= a <= hi] for lo, hi in loops]
+
+# The activation quantizer with the inline-PTX division (a benchmark variant): it must build.
+from comfy_lowbit.kernels.w4a4_quantize import w4a4_quantize_kernel
+signature = {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "codes_ptr": "*i8", "ascales_ptr": "*fp32",
+             "lora_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", "GROUPS_PER_CHUNK": "i32", "stride_xm": "i32"}
+constexprs = dict(BLOCK_M=32, BLOCK_R=32, UNSIGNED=False, IEEE_DOT=False, STEP_GROUPS=2, FAST_DIV=True)
+signature.update({n: "constexpr" for n in constexprs})
+kernel = triton.compile(triton.compiler.ASTSource(w4a4_quantize_kernel, signature, constexprs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+result["quantizer_fast_div"] = kernel.asm["ptx"].count("div.approx.f32")
 print(json.dumps(result))
 """
 
@@ -139,7 +149,8 @@ print(json.dumps(result))
 def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
     """Built for sm_90 with this Triton (no GPU needed; in a subprocess, since the tests run
     under the interpreter), the K loop at 1, 2, 4 and 8 rows has 16-byte weight loads, 16
-    dp4a per row, and no shared memory, barrier or spill."""
+    dp4a per row, and no shared memory, barrier or spill. The quantizer's PTX-division variant
+    builds too."""
     import json
     import os
     import sys
@@ -148,6 +159,7 @@ def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result.pop("quantizer_fast_div") > 0
     for rows, loops in result.items():
         if loops is None:
             pytest.skip("this Triton ships no cuobjdump")

@@ -76,6 +76,32 @@ def test_quantize_matches_reference(m, k, r, dtype, unsigned):
     assert relative_error(lora.sum(0), ref_lora) < (2e-3 if ON_GPU and dtype == torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("config", [{"STEP_GROUPS": 2}, {"STEP_GROUPS": 4, "BLOCK_M": 32, "num_warps": 8},
+                                    {"BLOCK_M": 32, "FAST_DIV": True}])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantize_variants_match_reference(config, unsigned):
+    """The benchmark's quantizer variants: several groups per step (K=320 has 5 groups, so a
+    step runs past the end of K and of a chunk), 32-row tiles, fast division (exact here: the
+    interpreter divides with numpy; the GPU's 2-ulp division is covered by the GPU bounds)."""
+    m, k, r = 37, 320, 12
+    x = _activation(m, k, seed=21, dtype=torch.bfloat16)
+    smooth = (torch.rand(k) + 0.5).to(torch.bfloat16).to(KERNEL_DEVICE)
+    down = (torch.randn(k, r) / 8).to(torch.bfloat16).to(KERNEL_DEVICE)
+    poisoned = _poisoned_quant_buffers(m, k, r)
+    out = (poisoned[0], poisoned[1], poisoned[2][:2])  # 2 chunks of whole steps
+    codes, ascales, lora = quantize_activations(x, smooth, down, unsigned, out=out, chunks=2, config=config)
+    ref_codes, ref_scales, ref_lora = quantize_activations_reference(x, smooth, down, unsigned)
+    got = natural_group_order(codes).int()
+    assert got.abs().max() <= 15, "an unwritten code (poison 127) survived"
+    diff = (got - ref_codes.int()).abs()
+    if ON_GPU:
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3
+    else:
+        assert torch.equal(got, ref_codes.int())
+    assert torch.isfinite(ascales).all() and torch.allclose(ascales, ref_scales, rtol=1e-6 if not ON_GPU else 1e-5, atol=0)
+    assert relative_error(lora.sum(0), ref_lora) < 1e-5
+
+
 def _gemm_inputs(m, n, k, r, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x = _activation(m, k, seed=seed, dtype=dtype)
