@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 GROUP = 64
 MAX_ROWS = 8  # the activation words of every row sit in registers beside the weight tile
@@ -87,7 +88,7 @@ def w4a4_gemv_kernel(
     stride_am, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # 4-D tiles (row m, column n, group g, word j): the weight is (1, N, G, 8), the activation
     # (M, 1, G, 8); their dp4a products broadcast to (M, N, G, 8) and are summed over j.
@@ -115,6 +116,11 @@ def w4a4_gemv_kernel(
 
     w0 = tl.load(w_tile, mask=col_ok4 & (g4 < num_groups), other=0)
     w1 = tl.load(w_tile + GROUPS * 8, mask=col_ok4 & (g4 + GROUPS < num_groups), other=0)
+    if PDL:
+        # Launched as a programmatic dependent of the quantizer: the first weight tiles (which
+        # do not depend on it) are already on their way; wait for its codes, scales and
+        # low-rank partials from here on.
+        gdc_wait()
     acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, 1), dtype=tl.float32)
     for g0 in range(0, num_groups, 2 * GROUPS):
         # The next iteration's weight words first: their DRAM latency overlaps this math.
@@ -168,10 +174,13 @@ def default_tile(m: int, n: int) -> dict:
 def w4a4_gemv(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-    *, config: dict | None = None, out: torch.Tensor | None = None,
+    *, config: dict | None = None, out: torch.Tensor | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Small-M W4A4 product: int8 split-order ``codes`` (M <= 8), shapes as in ``w4a4_gemm``.
-    ``config`` pins BLOCK_N/GROUPS/num_warps; ``out`` is the (M, N) buffer to write."""
+    ``config`` pins BLOCK_N/GROUPS/num_warps; ``out`` is the (M, N) buffer to write. ``pdl``
+    (sm_90+) launches it as a programmatic dependent of the kernel before it on the stream
+    (the quantizer, launched with ``config={"launch_dependents": True}``): it starts, and
+    fetches its first weight tiles, while that kernel still runs."""
     m, k = codes.shape
     n = qweight.shape[0]
     r = proj_up.shape[1]
@@ -197,6 +206,6 @@ def w4a4_gemv(
         m, n, k, r, chunks, k // 4, k // 8, out.stride(0),
         BLOCK_M=triton.next_power_of_2(m), BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_R=triton.next_power_of_2(r), HAS_BIAS=bias is not None, USE_PTX=not _interpreting(),
-        **c, num_warps=warps,
+        **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and not _interpreting() else {}),
     )
     return out

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 GROUP = 64
 GELU_UNSIGNED_SHIFT = 0.171875
@@ -103,12 +104,16 @@ def w4a4_quantize_kernel(
     stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     UNSIGNED: tl.constexpr, IEEE_DOT: tl.constexpr,
-    STEP_GROUPS: tl.constexpr = 1, FAST_DIV: tl.constexpr = False,
+    STEP_GROUPS: tl.constexpr = 1, FAST_DIV: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     # Program (i, c): rows i*BLOCK_M.., groups of chunk c, STEP_GROUPS groups per iteration
     # (unrolled: fewer loop iterations and more independent loads per thread). Each chunk
     # writes its own partial low-rank sum lora[c]; the GEMM epilogue adds the chunks (no
     # atomics, no memset).
+    if LAUNCH_DEPENDENTS:
+        # Let a kernel launched after this one with programmatic dependent launch (the small-M
+        # GEMV) start now; it waits for this grid's results itself (griddepcontrol.wait).
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
     row_ok = rows[:, None] < M
@@ -175,7 +180,7 @@ _TARGET_PROGRAMS = 1024
 def default_config(m: int) -> dict:
     """v3, measured on the H100: 16-row tiles (32 above 4096 rows), one group per step."""
     return {"BLOCK_M": 16 if m <= 4096 else 32, "STEP_GROUPS": 1, "FAST_DIV": False, "num_warps": 4,
-            "num_stages": 3, "programs": _TARGET_PROGRAMS}
+            "num_stages": 3, "programs": _TARGET_PROGRAMS, "launch_dependents": False}
 
 
 def quantize_activations(
@@ -189,8 +194,9 @@ def quantize_activations(
     ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C
     (default: enough programs to fill the GPU); ``out`` supplies the three buffers (tests poison
     them to catch unwritten elements). ``config`` overrides ``default_config`` keys (BLOCK_M,
-    STEP_GROUPS, FAST_DIV, num_warps, num_stages, programs: the benchmark's variants);
-    FAST_DIV is ignored under the interpreter (no inline PTX there)."""
+    STEP_GROUPS, FAST_DIV, num_warps, num_stages, programs: the benchmark's variants;
+    launch_dependents: let a following ``w4a4_gemv(pdl=True)`` start early); FAST_DIV and
+    launch_dependents are ignored under the interpreter (no inline PTX there)."""
     m, k = x.shape
     r = proj_down.shape[1]
     if k % GROUP:
@@ -224,6 +230,7 @@ def quantize_activations(
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
         STEP_GROUPS=step, FAST_DIV=c["FAST_DIV"] and not _interpreting(),
+        LAUNCH_DEPENDENTS=c["launch_dependents"] and not _interpreting(),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return codes, ascales, lora

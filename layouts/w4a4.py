@@ -278,13 +278,22 @@ class W4A4Layout(LowBitLayout):
         return out.reshape(*x.shape[:-1], n)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params, bias: torch.Tensor | None,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Small M: two launches, the quantizer (int8 codes, few low-rank partials) and the GEMV."""
+                 dtype: torch.dtype, pdl: bool | None = None) -> torch.Tensor:
+    """Small M: two launches, the quantizer (int8 codes, few low-rank partials) and the GEMV,
+    which with ``pdl`` (default: on sm_90+) starts fetching its weight while the quantizer runs."""
     m, k = x2d.shape
+    pdl = _has_pdl(x2d.device) if pdl is None else pdl
     codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned,
-                                                chunks=lora_chunks(m, k), codes_dtype=torch.int8)
-    return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype)
+                                                chunks=lora_chunks(m, k), codes_dtype=torch.int8,
+                                                config={"launch_dependents": pdl})
+    return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
 
 
 def w4a4_linear_reference(x2d: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:

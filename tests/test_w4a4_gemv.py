@@ -117,7 +117,7 @@ for rows in (1, 2, 4, 8):
     # What a launch at K=3072, N=12288, R=32 specialises: pointers and strides divisible by 16.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("M", "CHUNKS")}
     constexprs = dict(BLOCK_M=rows, BLOCK_N=tile["BLOCK_N"], GROUPS=tile["GROUPS"], BLOCK_C=64 // rows,
-                      BLOCK_R=32, HAS_BIAS=True, USE_PTX=True)
+                      BLOCK_R=32, HAS_BIAS=True, USE_PTX=True, PDL=rows == 1)
     signature.update({n: "constexpr" for n in constexprs})
     source = triton.compiler.ASTSource(w4a4_gemv_kernel, signature, constexprs, attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile["num_warps"]})
@@ -137,11 +137,13 @@ for rows in (1, 2, 4, 8):
 from comfy_lowbit.kernels.w4a4_quantize import w4a4_quantize_kernel
 signature = {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "codes_ptr": "*i8", "ascales_ptr": "*fp32",
              "lora_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", "GROUPS_PER_CHUNK": "i32", "stride_xm": "i32"}
-constexprs = dict(BLOCK_M=32, BLOCK_R=32, UNSIGNED=False, IEEE_DOT=False, STEP_GROUPS=2, FAST_DIV=True)
+constexprs = dict(BLOCK_M=32, BLOCK_R=32, UNSIGNED=False, IEEE_DOT=False, STEP_GROUPS=2, FAST_DIV=True,
+                  LAUNCH_DEPENDENTS=True)
 signature.update({n: "constexpr" for n in constexprs})
 kernel = triton.compile(triton.compiler.ASTSource(w4a4_quantize_kernel, signature, constexprs),
                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 result["quantizer_fast_div"] = kernel.asm["ptx"].count("div.approx.f32")
+result["quantizer_launch_dependents"] = kernel.asm["ptx"].count("griddepcontrol.launch_dependents")
 print(json.dumps(result))
 """
 
@@ -159,7 +161,7 @@ def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result.pop("quantizer_fast_div") > 0
+    assert result.pop("quantizer_fast_div") > 0 and result.pop("quantizer_launch_dependents") == 1
     for rows, loops in result.items():
         if loops is None:
             pytest.skip("this Triton ships no cuobjdump")
@@ -203,3 +205,33 @@ def test_layout_gemv_dispatch_on_gpu(rows, monkeypatch):
         out = torch.nn.functional.linear(x, qt, bias)
     ref = w4a4_linear_reference(x, qt, bias).float()
     assert out.shape == (rows, 320) and relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() < (9, 0), reason="programmatic dependent launch: sm_90+")
+def test_pdl_plan_is_bit_identical_eager_and_in_a_cuda_graph():
+    """The GEMV launched as a programmatic dependent of the quantizer must read the
+    quantizer's results only after its griddepcontrol.wait: the same bits as without PDL,
+    back to back on the stream (new inputs each time, no sync), and replayed in a CUDA graph."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    from comfy_lowbit.layouts.w4a4 import _gemv_linear
+
+    w = (outlier_matrix(3072, 3072, seed=8, scale=4.0) / 3072**0.5).to(torch.bfloat16).cuda()
+    qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=32)
+    q, p = qt._qdata, qt._params
+    bias = torch.randn(3072, device="cuda").to(torch.bfloat16)
+    xs = [outlier_matrix(rows, 3072, seed=20 + i, scale=20.0).to(torch.bfloat16).cuda() for i, rows in enumerate((1, 2, 1, 4, 1, 8) * 4)]
+    plain = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=False) for x in xs]
+    with_pdl = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=True) for x in xs]
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl))
+    x = xs[0].clone()
+    _gemv_linear(x, q, p, bias, torch.bfloat16, pdl=True)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _gemv_linear(x, q, p, bias, torch.bfloat16, pdl=True)
+    for i in (0, 2, 4):
+        x.copy_(xs[i])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain[i])
