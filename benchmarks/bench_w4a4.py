@@ -156,16 +156,25 @@ def small_m_section(shapes, batches):
                 os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
             print(f"| {k} | {n} | {m} | {t_bf16:.1f} | {t_def:.1f} | {t_gemv:.1f} | {t_bf16 / t_gemv:.2f}x | {t_nopdl:.1f} | "
                   f"{t_q:.1f} | {t_k:.1f} | {err:.1e} |", flush=True)
-        # Tile sweep of the GEMV alone at M=1 (bytes: packed weight + scales; floor at 3.0 TB/s).
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        p = qt._params
-        q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=gemv_mod.lora_chunks(1, k))
+        # Tile sweep of the GEMV alone (bytes: packed weight + scales; floor at 3.0 TB/s).
         floor = (n * k // 2 + (k // 64) * n * 2 + n * RANK * 2) / 3.0e12 * 1e6
-        for bn, groups, warps in ((16, 4, 4), (8, 8, 4), (16, 4, 2), (8, 4, 2), (4, 8, 1), (32, 2, 4)):
-            cfg = {"BLOCK_N": bn, "GROUPS": groups, "num_warps": warps}
-            t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
-                                                           bias, x.dtype, config=dict(cfg)) for q2 in qts])
-            print(f"GEMV tile K={k} N={n} M=1 {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
+        p = qt._params
+        for m, tiles in GEMV_TILES.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=gemv_mod.lora_chunks(m, k))
+            for bn, groups, warps in tiles:
+                cfg = {"BLOCK_N": bn, "GROUPS": groups, "num_warps": warps}
+                t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
+                                                               bias, x.dtype, config=dict(cfg)) for q2 in qts])
+                print(f"GEMV tile K={k} N={n} M={m} {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
+
+
+# (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles
+# that break the kernel's layout rule still run (slower: shared memory in the loop).
+GEMV_TILES = {
+    1: ((16, 4, 4), (8, 8, 4), (16, 4, 2), (8, 4, 2), (4, 8, 1), (32, 2, 4)),
+    8: ((64, 1, 4), (32, 1, 4), (32, 1, 2), (128, 1, 8), (16, 1, 1)),
+}
 
 
 QUANT_VARIANTS = [
