@@ -144,9 +144,9 @@ def small_m_section(shapes, batches):
                 if m <= gemv_mod.MAX_ROWS:
                     os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "1"
                     err = rel(F.linear(x, qt, bias), ref.double())
-                    t_gemv = graph_us([lambda q=q: F.linear(x, q, bias) for q in qts])
-                    t_nopdl = graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype, pdl=False)
-                                        for q in qts])
+                    t_gemv = guarded(lambda: graph_us([lambda q=q: F.linear(x, q, bias) for q in qts]))
+                    t_nopdl = guarded(lambda: graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype,
+                                                                                             pdl=False) for q in qts]))
                     p = qt._params
                     chunks = gemv_mod.lora_chunks(m, k)
                     q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)
