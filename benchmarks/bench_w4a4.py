@@ -125,8 +125,9 @@ def clone_weight(qt):
 def small_m_section(shapes, batches):
     """bf16 vs our default plan vs the dp4a GEMV plan at M <= 16, CUDA graphs, rotating weights."""
     print("\n## Small M in CUDA graphs (us per linear; weights rotated so none is in L2)")
-    print("| K | N | M | bf16 | ours default | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone | GEMV alone | err GEMV vs default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| K | N | M | bf16 | ours default | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone | GEMV alone "
+          "| err GEMV vs default | eager bf16 / default / GEMV plan |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
         qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
@@ -140,10 +141,12 @@ def small_m_section(shapes, batches):
                 os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
                 ref = F.linear(x, qt, bias).float()
                 t_def = graph_us([lambda q=q: F.linear(x, q, bias) for q in qts])
-                t_gemv = t_nopdl = err = t_q = t_k = float("nan")
+                t_gemv = t_nopdl = err = t_q = t_k = e_gemv = float("nan")
+                e_bf16, e_def = median_us(lambda: F.linear(x, w, bias)), median_us(lambda: F.linear(x, qt, bias))
                 if m <= gemv_mod.MAX_ROWS:
                     os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "1"
                     err = rel(F.linear(x, qt, bias), ref.double())
+                    e_gemv = median_us(lambda: F.linear(x, qt, bias))
                     t_gemv = guarded(lambda: graph_us([lambda q=q: F.linear(x, q, bias) for q in qts]))
                     t_nopdl = guarded(lambda: graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype,
                                                                                              pdl=False) for q in qts]))
@@ -155,7 +158,7 @@ def small_m_section(shapes, batches):
                                                                      q2._params.proj_up, bias, x.dtype) for q2 in qts])
                 os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
             print(f"| {k} | {n} | {m} | {t_bf16:.1f} | {t_def:.1f} | {t_gemv:.1f} | {t_bf16 / t_gemv:.2f}x | {t_nopdl:.1f} | "
-                  f"{t_q:.1f} | {t_k:.1f} | {err:.1e} |", flush=True)
+                  f"{t_q:.1f} | {t_k:.1f} | {err:.1e} | {e_bf16:.1f} / {e_def:.1f} / {e_gemv:.1f} |", flush=True)
         # Tile sweep of the GEMV alone (bytes: packed weight + scales; floor at 3.0 TB/s).
         floor = (n * k // 2 + (k // 64) * n * 2 + n * RANK * 2) / 3.0e12 * 1e6
         p = qt._params
