@@ -1,4 +1,4 @@
-"""W4A4 at small M (1..8 rows): one GEMV launch that reads the packed weight once.
+"""W4A4 at small M (1..16 rows): one GEMV launch that reads the packed weight once.
 
 Inputs (shapes and orders as in ``w4a4_gemm.py``; viewed here as 32-bit words):
 
@@ -25,7 +25,7 @@ so the kernel stays memory-bound (the packed weight is the floor: 18.9 MB, 7 us 
 K=3072, N=12288). Under the interpreter (no inline PTX) the same dp4a is computed with shifts.
 
 No split-K across programs, hence no zeroed buffer, no atomics and no cast launch: a program
-owns BLOCK_N output columns for every row and walks all of K itself, BLOCK_N x GROUPS groups
+owns BLOCK_N output columns for up to 8 rows and walks all of K itself, BLOCK_N x GROUPS groups
 (16-byte loads, two per thread) per step, the next step's weight words loaded before the
 current step is computed. The tile spreads K over the threads; the per-group partial sums
 stay in registers and are added across K once, after the loop.
@@ -40,7 +40,11 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 GROUP = 64
-MAX_ROWS = 8  # the activation words of every row sit in registers beside the weight tile
+MAX_ROWS = 16
+# Rows per program: the activation words of each sit in registers beside the weight tile.
+# More rows take more programs over the same weight tile, launched next to each other so
+# that all but the first read it from L2.
+ROWS_PER_PROGRAM = 8
 # 0xF0F0F0F0 as a signed 32-bit constant: keeps the high nibble of every byte.
 HIGH_NIBBLES: tl.constexpr = tl.constexpr(-252645136)
 
@@ -97,8 +101,9 @@ def w4a4_gemv_kernel(
     # Tile sizes keep BLOCK_M*G*8 and BLOCK_N*G under the thread count: Triton then loads the
     # activation words and scales straight into the weight's layout (it re-loads "cheap"
     # small tensors rather than convert them), so the loop has no shared-memory round trip.
-    m1 = tl.arange(0, BLOCK_M)
-    n1 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    m1 = (tl.program_id(0) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n1 = (tl.program_id(0) // row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     g1 = tl.arange(0, GROUPS)
     j1 = tl.arange(0, 8)
     m4 = m1[:, None, None, None]
@@ -153,8 +158,11 @@ def w4a4_gemv_kernel(
 def lora_chunks(m: int, k: int) -> int:
     """How many low-rank partials the quantizer should write for this GEMV: the GEMV loads
     them all at once (BLOCK_C x BLOCK_M x R values per program), so at most 64 row-chunks."""
-    rows = triton.next_power_of_2(max(m, 1))
-    return max(1, min(k // GROUP, 64 // rows))
+    return max(1, min(k // GROUP, 64 // block_rows(m)))
+
+
+def block_rows(m: int) -> int:
+    return min(ROWS_PER_PROGRAM, triton.next_power_of_2(max(m, 1)))
 
 
 def default_tile(m: int, n: int) -> dict:
@@ -164,7 +172,7 @@ def default_tile(m: int, n: int) -> dict:
     or two rows ((8, 8) when N is narrow: more programs), (32, 2) at 4 rows, (64, 1) at 8.
     SASS for sm_90 (Triton 3.6): LDG.E.128 weight loads, no BAR.SYNC or shared memory in the
     loop, no spills, 40-94 registers (benchmarks/NOTES.md, W4A4 v4)."""
-    rows = triton.next_power_of_2(max(m, 1))
+    rows = block_rows(m)
     if rows == 1 and triton.cdiv(n, 16) < 600:
         return {"BLOCK_N": 8, "GROUPS": 8, "num_warps": 4}
     groups = min(4, 8 // rows)
@@ -176,7 +184,7 @@ def w4a4_gemv(
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
     *, config: dict | None = None, out: torch.Tensor | None = None, pdl: bool = False,
 ) -> torch.Tensor:
-    """Small-M W4A4 product: int8 split-order ``codes`` (M <= 8), shapes as in ``w4a4_gemm``.
+    """Small-M W4A4 product: int8 split-order ``codes`` (M <= 16), shapes as in ``w4a4_gemm``.
     ``config`` pins BLOCK_N/GROUPS/num_warps; ``out`` is the (M, N) buffer to write. ``pdl``
     (sm_90+) launches it as a programmatic dependent of the kernel before it on the stream
     (the quantizer, launched with ``config={"launch_dependents": True}``): it starts, and
@@ -200,11 +208,12 @@ def w4a4_gemv(
         out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     c = dict(config or default_tile(m, n))
     warps = c.pop("num_warps", 4)
-    w4a4_gemv_kernel[(triton.cdiv(n, c["BLOCK_N"]),)](
+    block_m = block_rows(m)
+    w4a4_gemv_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, c["BLOCK_N"]),)](
         codes.contiguous().view(torch.int32), ascales.contiguous(), qweight.contiguous().view(torch.int32),
         wscales.contiguous(), lora.contiguous(), proj_up.contiguous(), bias if bias is not None else out, out,
         m, n, k, r, chunks, k // 4, k // 8, out.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_C=triton.next_power_of_2(chunks),
+        BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_R=triton.next_power_of_2(r), HAS_BIAS=bias is not None, USE_PTX=not _interpreting(),
         **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and not _interpreting() else {}),
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from comfy_lowbit.kernels.w4a4_gemm import w4a4_gemm_reference
-from comfy_lowbit.kernels.w4a4_gemv import MAX_ROWS, lora_chunks, w4a4_gemv
+from comfy_lowbit.kernels.w4a4_gemv import MAX_ROWS, block_rows, lora_chunks, w4a4_gemv
 from comfy_lowbit.kernels.w4a4_quantize import natural_group_order, quantize_activations, quantize_activations_reference
 
 from support import KERNEL_DEVICE, outlier_matrix, relative_error
@@ -47,7 +47,7 @@ def _reference(x, smooth, down, qweight, wscales, up, bias, unsigned):
 CONFIGS = [None, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 4}, {"BLOCK_N": 4, "GROUPS": 1, "num_warps": 1}]
 
 
-@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32)])
+@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32), (13, 20, 192, 5)])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_gemv_matches_reference(m, n, k, r, config):
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m * 100 + n)
@@ -79,17 +79,13 @@ def test_lora_chunks_bound_the_epilogue_tile():
     for m in range(1, MAX_ROWS + 1):
         for k in (64, 3072, 12288):
             c = lora_chunks(m, k)
-            assert 1 <= c <= k // 64 and c * triton_next_pow2(m) <= 64
-
-
-def triton_next_pow2(v):
-    return 1 << (v - 1).bit_length()
+            assert 1 <= c <= k // 64 and c * block_rows(m) <= 64
 
 
 def test_gemv_errors_say_what_was_expected():
-    x, smooth, down, qweight, wscales, up, bias = _inputs(9, 16, 128, 4, seed=1)
+    x, smooth, down, qweight, wscales, up, bias = _inputs(17, 16, 128, 4, seed=1)
     codes, ascales, lora = quantize_activations(x, smooth, down)
-    with pytest.raises(ValueError, match="at most 8 rows, got M=9"):
+    with pytest.raises(ValueError, match="at most 16 rows, got M=17"):
         w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
     with pytest.raises(ValueError, match=r"wscales has shape \(16, 2\), expected \(2, 16\)"):
         w4a4_gemv(codes[:2], ascales[:, :2], qweight, wscales.t(), lora[:, :2], up, bias, torch.float32)
@@ -175,7 +171,7 @@ def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.skipif(not ON_GPU, reason="GPU run of the PTX dp4a path")
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 1280), (1280, 3072)])
 def test_gemv_on_gpu_flux_sizes(m, k, n):
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, 32, seed=m + k)
@@ -189,9 +185,9 @@ def test_gemv_on_gpu_flux_sizes(m, k, n):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the layout takes the kernel path only on a GPU")
-@pytest.mark.parametrize("rows", [1, 5, 8, 9])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 17])
 def test_layout_gemv_dispatch_on_gpu(rows, monkeypatch):
-    """COMFY_LOWBIT_EXPERIMENTAL=1 sends up to 8 rows to the GEMV; 9 rows take the GEMM."""
+    """COMFY_LOWBIT_EXPERIMENTAL=1 sends up to 16 rows to the GEMV; 17 rows take the GEMM."""
     from comfy_kitchen.tensor import QuantizedTensor
 
     from comfy_lowbit.layouts.w4a4 import w4a4_linear_reference
