@@ -259,11 +259,29 @@ class W4A4Layout(LowBitLayout):
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
             unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
-            out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot, unpacked=unpacked)
+            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+                from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+
+                out = w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype)
+            else:
+                out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
+                                unpacked=unpacked)
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
         return out.reshape(*x.shape[:-1], n)
+
+
+def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
+    """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs; opt-in with
+    ``COMFY_LOWBIT_SM90=1`` until measured) serves this streaming-path call."""
+    from ..kernels.sm90 import sm90_kernels_enabled
+
+    if not sm90_kernels_enabled(codes.device):
+        return False
+    from ..kernels.w4a4_gemm_sm90 import accepts
+
+    return accepts(codes, unpacked, proj_up)
 
 
 def w4a4_linear_reference(x2d: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
