@@ -274,7 +274,7 @@ class W4A4Layout(LowBitLayout):
 
 def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
     """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs; opt-in with
-    ``COMFY_LOWBIT_SM90=1`` until measured) serves this streaming-path call."""
+    ``COMFY_LOWBIT_EXPERIMENTAL=1`` until measured) serves this streaming-path call."""
     from ..kernels.sm90 import sm90_kernels_enabled
 
     if not sm90_kernels_enabled(codes.device):

@@ -314,9 +314,9 @@ def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypat
     from comfy_lowbit.layouts import int8_lodewise
 
     if enabled is None:
-        monkeypatch.delenv("COMFY_LOWBIT_SM90", raising=False)
+        monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL", raising=False)
     else:
-        monkeypatch.setenv("COMFY_LOWBIT_SM90", enabled)
+        monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", enabled)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90"))
@@ -332,7 +332,7 @@ def test_small_batches_stay_on_the_portable_kernel(monkeypatch):
     from comfy_lowbit.kernels import int8_gemm_sm90
     from comfy_lowbit.layouts import int8_lodewise
 
-    monkeypatch.setenv("COMFY_LOWBIT_SM90", "1")
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90"))

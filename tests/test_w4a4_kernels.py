@@ -227,8 +227,8 @@ def test_layout_takes_the_hopper_gemm_only_when_enabled(monkeypatch):
     unpacked = torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
     up = torch.zeros(64, 32)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
-    monkeypatch.setenv("COMFY_LOWBIT_SM90", "1")
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
     assert layout._sm90_takes(codes, unpacked, up)
     assert not layout._sm90_takes(codes.view(torch.int8), unpacked.view(torch.int8), up)  # int8 MMA plan
-    monkeypatch.delenv("COMFY_LOWBIT_SM90")
+    monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL")
     assert not layout._sm90_takes(codes, unpacked, up)
