@@ -199,6 +199,21 @@ def test_gemv_matches_reference(block, n, kb, dtype, split):
     _check_weight_only(out, x, w_q, w_s, block, bias)
 
 
+@pytest.mark.parametrize("block", (64, 128))
+@pytest.mark.parametrize("n,kb,dtype,split", [(37, 3, torch.bfloat16, 2), (70, 5, torch.float16, 4), (9, 8, torch.float32, 8)])
+def test_gemv_single_launch_split_k(block, n, kb, dtype, split):
+    """FIXUP: the last program of each row tile sums the K slices in the same launch. Twice in
+    a row: the counters it leaves behind must be zero again, or the second call goes wrong."""
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=k + 1)
+    bias = torch.randn(n).to(KERNEL_DEVICE) if n != 9 else None
+    for seed in (1, 2):
+        x = outlier_matrix(1, k, seed=n + seed, scale=25.0).to(dtype)
+        out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV, split=split, fixup=True)
+        _check_weight_only(out, x, w_q, w_s, block, bias)
+    assert int(int8_gemv.fixup_counters(w_q.device, 1).abs().sum()) == 0
+
+
 def test_weight_only_paths_propagate_nan():
     block, n, k = 128, 24, 256
     w_q, w_s = _weight(n, k, block, seed=9)
