@@ -73,7 +73,7 @@ def _load_block(descs, smem, ready, block, off_m, off_n, M, N, pred):
 
 @gluon.jit
 def _issue(smem, ready, block, partial):
-    """Start block's int8 MMA into ``partial`` (its old value is ignored) once its stage landed."""
+    """Start block's 8-bit MMA into ``partial`` (its old value is ignored) once its stage landed."""
     a_smem = smem[0]
     w_smem = smem[1]
     stage = block % a_smem.shape[0]
@@ -97,9 +97,9 @@ def _rescale(acc, partial, smem, block, row_layout: gl.constexpr, col_layout: gl
 
 @gluon.jit
 def _reuse(converted, PART: gl.constexpr):
-    """The registers of a consumed fp32 partial as the next MMA's ignored input: a bitcast
-    costs nothing, where passing the int32 tile would keep it alive beside its fp32 copy (a
-    fourth 64-register tile per thread, which spills)."""
+    """The registers of a consumed fp32 partial as the next MMA's ignored input (int32 for the
+    int8 MMA): a bitcast costs nothing, where passing the MMA's own int32 result would keep it
+    alive beside its fp32 copy (a fourth 64-register tile per thread, which spills)."""
     return converted.to(PART, bitcast=True)
 
 
