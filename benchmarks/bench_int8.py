@@ -18,6 +18,7 @@ Methods:
   block's rescale with the next block's MMA (kernels/int8_gemm_sm90.py);
 * ``gemm_sm90`` that GEMM alone on pre-quantized activations (where the time goes);
 * ``w8a16``     ours weight-only (GEMV for M <= 4, tensor-core W8A16 above);
+* ``gemv_fixup`` M=1: the GEMV with its K slices summed in the same launch (experimental);
 * ``ours``      what ``F.linear`` on our QuantizedTensor dispatches to.
 
 Also printed: TFLOP/s (TOP/s), the floor of each from peaks measured in this run (bytes /
@@ -153,6 +154,12 @@ def make_methods(w, bias):
             return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias) for q_ in ours_copies(copies)]
         return [lambda q_=q_: w8a16_matmul(x, q_._qdata, q_._params.scale, BLOCK, bias) for q_ in ours_copies(copies)]
 
+    def gemv_fixup(x, copies):  # M=1 only: split-K summed inside the GEMV launch (experimental)
+        if x.shape[0] != 1:
+            raise ValueError("the single-launch split-K GEMV serves M=1")
+        return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias, fixup=True)
+                for q_ in ours_copies(copies)]
+
     def dispatched(x, copies):
         return [lambda q_=q_: F.linear(x, q_, bias) for q_ in ours_copies(copies)]
 
@@ -162,6 +169,7 @@ def make_methods(w, bias):
         methods["w8a8_sm90"] = (w8a8_sm90, int8_bytes, "int8")
         methods["gemm_sm90"] = (gemm_sm90, int8_bytes, "int8")
     methods["w8a16"] = (w8a16, int8_bytes, "w8a16")
+    methods["gemv_fixup"] = (gemv_fixup, int8_bytes, "w8a16")
     methods["ours"] = (dispatched, int8_bytes, "int8")
     return methods
 
@@ -363,7 +371,8 @@ def main() -> int:
             print(f"# tuned {label} {key}: {config}")
 
     print("\n# summary: speed-up vs bf16 (bf16 time / method time); targets: M>=1024 >= 1.3 (w8a8 incl. quant), M=1 >= 1.7")
-    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_sm90", "gemm_sm90", "w8a16", "ours") if nm not in skip]
+    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_sm90", "gemm_sm90", "w8a16", "gemv_fixup", "ours")
+             if nm not in skip]
     print(f"{'K':>6} {'N':>6} {'M':>6} {'bf16_us':>8} " + " ".join(f"{nm:>10}" for nm in names))
     table = {(k, n, m, nm): us for k, n, m, nm, us in rows}
     for k, n in shapes:

@@ -44,6 +44,7 @@ from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
 import comfy_lowbit  # noqa: F401  (registers W4A4Layout)
 from comfy_lowbit.kernels import w4a4_gemm as gemm_mod
 from comfy_lowbit.kernels import w4a4_gemv as gemv_mod
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon
 from comfy_lowbit.kernels.w4a4_quantize import quantize_activations
 from comfy_lowbit.layouts import w4a4 as w4a4_layout
 
@@ -303,6 +304,19 @@ def main():
             floor_ours = max((w_bytes + io_bytes) / bw, flops / int8_peak) * 1e6
             floor_bf16 = max((n * k * 2 + io_bytes) / bw, flops / bf16_peak) * 1e6
             rows.append((k, n, m, t_bf16, floor_bf16, t_ck, t_ours, t_q, t_g, floor_ours, g_bf16, g_ours, t_u))
+            if w8 is not None and dot == "fp8" and hopper_with_gluon(x.device):  # the Hopper GEMM, opt-in
+                from comfy_lowbit.kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+                with torch.inference_mode():
+                    err90 = rel(w4a4_gemm_sm90(codes, ascales, w8, p.scale, lora, p.proj_up, bias, torch.float32),
+                                gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias,
+                                                   torch.float32, dot=dot, unpacked=w8).double())
+                    for producer in (False, True):
+                        t90 = median_us(lambda: w4a4_gemm_sm90(codes, ascales, w8, p.scale, lora, p.proj_up, bias, x.dtype,
+                                                               producer_warp=producer))
+                        total = t_q + t_u + t90
+                        print(f"K={k:5d} N={n:5d} M={m:5d}  sm90 gemm{' +producer warp' if producer else ''} {t90:8.1f} "
+                              f"({flops / t90 / 1e6:6.0f} TOP/s, vs portable {err90:.1e})  quant+unpack+sm90 {total:8.1f}  "
+                              f"{t_bf16 / total:5.2f}x bf16  {t_ck / total:6.1f}x ck", flush=True)
             print(f"K={k:5d} N={n:5d} M={m:5d}  bf16 {t_bf16:8.1f}  ck {t_ck:9.1f}  ours {t_ours:8.1f} "
                   f"(quant {t_q:6.1f} + unpack {t_u:5.1f} + gemm {t_g:7.1f})  floor {floor_ours:7.1f}  "
                   f"{t_bf16 / t_ours:5.2f}x bf16  {t_ck / t_ours:6.1f}x ck"

@@ -12,7 +12,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
-steps=${STEPS:-"env tests sm90 int8 bnb4 w4a4 block"}
+steps=${STEPS:-"env tests experimental int8 bnb4 w4a4 block"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -25,7 +25,7 @@ step() {  # name, timeout seconds, command...
 
 step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
 step tests 420 env COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
-step sm90 420 env COMFY_LOWBIT_SM90=1 COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
+step experimental 420 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
 step int8 420 python3 benchmarks/bench_int8.py --variants 4096
 step bnb4 300 python3 benchmarks/bench_bnb4.py
 step w4a4 300 python3 benchmarks/bench_w4a4.py

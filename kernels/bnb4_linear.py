@@ -18,7 +18,7 @@ Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 
 Three portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
 measurements in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for
-M >= 2). On Hopper, with ``COMFY_LOWBIT_SM90=1``, large M takes ``fused_sm90`` instead
+M >= 2). On Hopper, with ``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
 (``kernels/bnb4_gemm_sm90.py``: decode in the main loop overlapped with async wgmma):
 
 * ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading

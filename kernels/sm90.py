@@ -6,9 +6,9 @@ benchmarks/NOTES.md). They run only where all of these hold:
 
 * the tensor is on a CUDA device of compute capability 9.x (wgmma is sm_90a-only);
 * this Triton ships ``triton.experimental.gluon`` with the Hopper module;
-* ``COMFY_LOWBIT_SM90=1`` is set. They are opt-in until they have passed their GPU tests and
-  been measured on an H100: they were written in a session with no GPU (compiled for sm_90
-  and checked with ptxas only; benchmarks/NOTES.md). The default flips once they have.
+* ``COMFY_LOWBIT_EXPERIMENTAL=1`` is set (``experimental``): they were written in a session
+  with no GPU (compiled for sm_90 and checked with ptxas only; benchmarks/NOTES.md), so they
+  are opt-in until their GPU tests pass and an H100 measures the speed-up.
 
 Everything else (other GPUs, the interpreter, older Triton) uses the portable kernels, which
 compute the same math.
@@ -19,6 +19,8 @@ import functools
 import os
 
 import torch
+
+from .experimental import experimental_kernels_enabled
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,4 +49,4 @@ def hopper_with_gluon(device: torch.device) -> bool:
 
 def sm90_kernels_enabled(device: torch.device) -> bool:
     """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
-    return os.environ.get("COMFY_LOWBIT_SM90", "0") == "1" and hopper_with_gluon(device)
+    return experimental_kernels_enabled() and hopper_with_gluon(device)

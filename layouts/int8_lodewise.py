@@ -168,12 +168,15 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         return out.reshape(*x.shape[:-1], n)
 
 
+SM90_MIN_M = 512  # below, the Hopper kernel's fixed 128-row tiles would mostly multiply padding
+
+
 def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
     """The Hopper kernel (rescales overlapped with the MMAs) where it applies, else the
     portable one; both compute the same sums (kernels/int8_gemm*.py)."""
     from ..kernels.sm90 import sm90_kernels_enabled
 
-    if sm90_kernels_enabled(a_q.device):
+    if a_q.shape[0] >= SM90_MIN_M and sm90_kernels_enabled(a_q.device):
         from ..kernels import int8_gemm_sm90
 
         if int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
+from ..kernels.experimental import experimental_kernels_enabled
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
 from ..kernels.w4a4_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
@@ -57,13 +57,6 @@ _SUFFIXES = ("", "_scale", "_proj_down", "_proj_up", "_smooth_factor")
 # From this many input rows on, expand the weight to 8-bit codes once per call and run the
 # streaming GEMM (benchmarks/NOTES.md, W4A4: the fused in-register unpack loses there).
 UNPACK_MIN_ROWS = 256
-
-
-def _experimental() -> bool:
-    """``COMFY_LOWBIT_EXPERIMENTAL=1`` (read per call) routes up to ``GEMV_MAX_ROWS`` rows to
-    the dp4a GEMV (kernels/w4a4_gemv.py): written and compiled for sm_90 in a session without
-    a GPU, it stays opt-in until its GPU tests pass and it is measured (benchmarks/NOTES.md)."""
-    return os.environ.get("COMFY_LOWBIT_EXPERIMENTAL", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,13 +258,20 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            if x2d.shape[0] <= GEMV_MAX_ROWS and _experimental():
+            # The dp4a GEMV (one launch after the quantizer) is opt-in until measured on a GPU.
+            if x2d.shape[0] <= GEMV_MAX_ROWS and experimental_kernels_enabled():
                 return _gemv_linear(x2d, qweight, p, bias, x.dtype).reshape(*x.shape[:-1], n)
             dot = _dot_kind(x.device)
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
             unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
-            out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot, unpacked=unpacked)
+            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+                from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+
+                out = w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype)
+            else:
+                out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
+                                unpacked=unpacked)
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
@@ -294,6 +294,18 @@ def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params,
                                                 chunks=lora_chunks(m, k), codes_dtype=torch.int8,
                                                 config={"launch_dependents": pdl})
     return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
+
+
+def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
+    """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs; opt-in with
+    ``COMFY_LOWBIT_EXPERIMENTAL=1`` until measured) serves this streaming-path call."""
+    from ..kernels.sm90 import sm90_kernels_enabled
+
+    if not sm90_kernels_enabled(codes.device):
+        return False
+    from ..kernels.w4a4_gemm_sm90 import accepts
+
+    return accepts(codes, unpacked, proj_up)
 
 
 def w4a4_linear_reference(x2d: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:

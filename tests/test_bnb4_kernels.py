@@ -214,9 +214,9 @@ def test_sm90_path_only_when_enabled_and_large(monkeypatch):
     weight = make_weight(4096, 128, "nf4", False, seed=1)
     big, small = torch.zeros(4096, 128, dtype=torch.bfloat16), torch.zeros(256, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
-    monkeypatch.setenv("COMFY_LOWBIT_SM90", "1")
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
     assert lin._sm90_path(big, weight) == "fused_sm90"
     assert lin._sm90_path(small, weight) is None
     assert lin._sm90_path(big.float(), weight) is None  # fp32 activations: no bf16/fp16 MMA operand
-    monkeypatch.setenv("COMFY_LOWBIT_SM90", "0")
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "0")
     assert lin._sm90_path(big, weight) is None
