@@ -129,6 +129,7 @@ def small_m_section(shapes, batches):
     print("| K | N | M | bf16 | ours default | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone | GEMV alone "
           "| err GEMV vs default | eager bf16 / default / GEMV plan |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    switch = os.environ.get("COMFY_LOWBIT_EXPERIMENTAL")
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
         qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
@@ -171,6 +172,10 @@ def small_m_section(shapes, batches):
                 t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
                                                                bias, x.dtype, config=dict(cfg)) for q2 in qts])
                 print(f"GEMV tile K={k} N={n} M={m} {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
+    if switch is None:
+        os.environ.pop("COMFY_LOWBIT_EXPERIMENTAL")
+    else:
+        os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = switch
 
 
 # (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles

@@ -12,7 +12,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
-steps=${STEPS:-"env tests experimental int8 bnb4 w4a4 block"}
+steps=${STEPS:-"env tests experimental int8 bnb4 w4a4 w4a4small block"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -29,4 +29,5 @@ step experimental 420 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 py
 step int8 420 python3 benchmarks/bench_int8.py --variants 4096
 step bnb4 300 python3 benchmarks/bench_bnb4.py
 step w4a4 300 python3 benchmarks/bench_w4a4.py
+step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'
 step block 240 python3 benchmarks/bench_block.py
