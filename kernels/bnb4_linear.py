@@ -456,7 +456,12 @@ def bnb4_linear(
             _fail("out", f"contiguous {(m, n)} {x.dtype}", f"{tuple(out.shape)} {out.dtype} {out.stride()}")
     if m == 0:
         return out.reshape(*lead, n)
-    path = path or _sm90_path(x2, w) or choose_path(m)
+    if path is None and _sm90_path(x2, w) == "fused_sm90":
+        from .sm90 import run_sm90
+
+        if run_sm90("NF4/FP4 fused GEMM", _launch_sm90, x2, w, bias, out) is not None:
+            return out.reshape(*lead, n)
+    path = path or choose_path(m)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
     elif path == "fused":
@@ -489,15 +494,17 @@ def _sm90_path(x2: torch.Tensor, w: Bnb4Weight) -> str | None:
     m, (n, k) = x2.shape[0], w.shape
     if m < 512 or not sm90_kernels_enabled(x2.device):
         return None
-    from . import bnb4_gemm_sm90
-
+    try:
+        from . import bnb4_gemm_sm90
+    except (ImportError, AttributeError):  # a Gluon whose API this kernel does not match
+        return None
     tiles = triton.cdiv(m, bnb4_gemm_sm90.BLOCK_M) * triton.cdiv(n, bnb4_gemm_sm90.BLOCK_N)
     if tiles < SM90_MIN_TILES or not bnb4_gemm_sm90.accepts(x2, w.packed, k, w.block_size):
         return None
     return "fused_sm90"
 
 
-def _launch_sm90(x2, w: Bnb4Weight, bias, out) -> None:
+def _launch_sm90(x2, w: Bnb4Weight, bias, out) -> torch.Tensor:
     from . import bnb4_gemm_sm90
 
     n, k = w.shape
@@ -505,8 +512,8 @@ def _launch_sm90(x2, w: Bnb4Weight, bias, out) -> None:
         _fail("fused_sm90 operands", "bf16/fp16 x with 16-byte aligned rows, K and block multiples of 64",
               f"{x2.dtype} strides {x2.stride()}, K={k}, block {w.block_size}")
     code, _, dyn = _constants(w.quant_type, x2.device)
-    bnb4_gemm_sm90.w4a16_matmul_sm90(x2, w.packed, code, *_absmax_args(w, dyn), w.shape, w.block_size,
-                                      w.double_quant, bias, out)
+    return bnb4_gemm_sm90.w4a16_matmul_sm90(x2, w.packed, code, *_absmax_args(w, dyn), w.shape, w.block_size,
+                                             w.double_quant, bias, out)
 
 
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:

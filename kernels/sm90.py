@@ -16,11 +16,14 @@ compute the same math.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 
 from .experimental import experimental_kernels_enabled
+
+logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,3 +53,23 @@ def hopper_with_gluon(device: torch.device) -> bool:
 def sm90_kernels_enabled(device: torch.device) -> bool:
     """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
     return experimental_kernels_enabled() and hopper_with_gluon(device)
+
+
+_UNBUILDABLE: set[str] = set()
+
+
+def run_sm90(name: str, launch, *args, **kwargs):
+    """``launch(*args, **kwargs)``, or None when this Triton cannot build the Hopper kernel
+    ``name`` (Gluon's API still moves between releases): the failure is logged once, the
+    kernel is not tried again in this process, and the caller takes its portable kernel."""
+    if name in _UNBUILDABLE:
+        return None
+    from triton.compiler.errors import CompilationError
+
+    try:
+        return launch(*args, **kwargs)
+    except (CompilationError, ImportError, AttributeError) as exc:
+        _UNBUILDABLE.add(name)
+        logger.warning("comfy_lowbit: the sm_90 kernel %s does not build with this Triton (%s: %s); "
+                       "using the portable kernel", name, type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
