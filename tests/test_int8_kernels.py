@@ -334,7 +334,7 @@ def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypat
         monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", enabled)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
-    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90"))
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
     w_q, w_s = _weight(48, 2 * block, block, seed=1, scale_layout=scale_layout)
     q, scale_t = quantize_blockwise_reference(outlier_matrix(int8_lodewise.SM90_MIN_M, 2 * block, seed=2), block)
@@ -350,7 +350,7 @@ def test_small_batches_stay_on_the_portable_kernel(monkeypatch):
     monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
-    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90"))
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
     w_q, w_s = _weight(48, 256, 128, seed=1)
     for m in (int8_lodewise.SM90_MIN_M - 1, int8_lodewise.SM90_MIN_M):
