@@ -208,6 +208,8 @@ def w4a4_gemv(
         out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     c = dict(config or default_tile(m, n))
     warps = c.pop("num_warps", 4)
+    if qweight.storage_offset() % 4:  # a 32-bit view needs a 4-byte aligned start
+        qweight = qweight.clone()
     block_m = block_rows(m)
     w4a4_gemv_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, c["BLOCK_N"]),)](
         codes.contiguous().view(torch.int32), ascales.contiguous(), qweight.contiguous().view(torch.int32),

@@ -75,6 +75,17 @@ def test_gemv_unsigned_codes_and_dtypes(out_dtype, with_bias):
     assert out.dtype == out_dtype and relative_error(out, ref) < 8e-3
 
 
+def test_gemv_accepts_a_weight_view_at_an_odd_byte_offset():
+    """A packed weight sliced out of a larger buffer (as a file loader may hand it over)."""
+    m, n, k, r = 1, 24, 128, 4
+    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=9)
+    shifted = torch.empty(n * k // 2 + 1, dtype=torch.int8, device=KERNEL_DEVICE)[1:].view(n, k // 2)
+    shifted.copy_(qweight)
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    out = w4a4_gemv(codes, ascales, shifted, wscales, lora, up, bias, torch.float32)
+    assert relative_error(out, _reference(x, smooth, down, qweight, wscales, up, bias, False)) < (2e-3 if ON_GPU else 1e-5)
+
+
 def test_lora_chunks_bound_the_epilogue_tile():
     for m in range(1, MAX_ROWS + 1):
         for k in (64, 3072, 12288):
