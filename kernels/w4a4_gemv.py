@@ -37,7 +37,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+
+try:  # programmatic dependent launch (Triton 3.6 has it); without it the GEMV launches plainly
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_wait = None
 
 GROUP = 64
 MAX_ROWS = 16
@@ -217,6 +221,6 @@ def w4a4_gemv(
         m, n, k, r, chunks, k // 4, k // 8, out.stride(0),
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_R=triton.next_power_of_2(r), HAS_BIAS=bias is not None, USE_PTX=not _interpreting(),
-        **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and not _interpreting() else {}),
+        **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and gdc_wait is not None and not _interpreting() else {}),
     )
     return out

@@ -30,7 +30,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+
+try:  # programmatic dependent launch (Triton 3.6 has it); see w4a4_gemv.py
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = None
 
 GROUP = 64
 GELU_UNSIGNED_SHIFT = 0.171875
@@ -237,7 +241,7 @@ def quantize_activations(
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
         STEP_GROUPS=step, FAST_DIV=c["FAST_DIV"] and not _interpreting(),
-        LAUNCH_DEPENDENTS=c["launch_dependents"] and not _interpreting(),
+        LAUNCH_DEPENDENTS=c["launch_dependents"] and gdc_launch_dependents is not None and not _interpreting(),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return codes, ascales, lora
