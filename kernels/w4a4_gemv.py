@@ -212,8 +212,12 @@ def w4a4_gemv(
         out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     c = dict(config or default_tile(m, n))
     warps = c.pop("num_warps", 4)
-    if qweight.storage_offset() % 4:  # a 32-bit view needs a 4-byte aligned start
-        qweight = qweight.clone()
+    weights = (qweight, wscales, proj_up)
+    if qweight.storage_offset() % 4 or not all(t.is_contiguous() for t in weights):
+        # A copy launched here would sit between the quantizer and the GEMV, whose first
+        # weight loads come before its griddepcontrol.wait: launch plainly then.
+        pdl = False
+        qweight = qweight.clone() if qweight.storage_offset() % 4 else qweight  # 32-bit view: 4-byte aligned start
     block_m = block_rows(m)
     w4a4_gemv_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, c["BLOCK_N"]),)](
         codes.contiguous().view(torch.int32), ascales.contiguous(), qweight.contiguous().view(torch.int32),
