@@ -225,6 +225,7 @@ def w4a4_gemv(
         m, n, k, r, chunks, k // 4, k // 8, out.stride(0),
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_R=triton.next_power_of_2(r), HAS_BIAS=bias is not None, USE_PTX=not _interpreting(),
-        **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and gdc_wait is not None and not _interpreting() else {}),
+        **c, num_warps=warps,
+        **({"PDL": True, "launch_pdl": True} if pdl and gdc_wait is not None and not _interpreting() else {}),
     )
     return out

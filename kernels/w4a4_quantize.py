@@ -147,7 +147,8 @@ def w4a4_quantize_kernel(
                 row_scale_ok = (rows < M) & ((rows * 0 + g) < last)
             x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok & ok[None, :], other=0.0)
             # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
-            down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :] & ok[:, None], other=0.0)
+            down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :],
+                           mask=rank_ok[None, :] & ok[:, None], other=0.0)
             if IEEE_DOT:
                 lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
             else:

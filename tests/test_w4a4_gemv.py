@@ -227,7 +227,8 @@ def test_pdl_plan_is_bit_identical_eager_and_in_a_cuda_graph():
     qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=32)
     q, p = qt._qdata, qt._params
     bias = torch.randn(3072, device="cuda").to(torch.bfloat16)
-    xs = [outlier_matrix(rows, 3072, seed=20 + i, scale=20.0).to(torch.bfloat16).cuda() for i, rows in enumerate((1, 2, 1, 4, 1, 8) * 4)]
+    xs = [outlier_matrix(rows, 3072, seed=20 + i, scale=20.0).to(torch.bfloat16).cuda()
+          for i, rows in enumerate((1, 2, 1, 4, 1, 8, 16) * 4)]
     plain = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=False) for x in xs]
     with_pdl = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=True) for x in xs]
     torch.cuda.synchronize()
