@@ -90,7 +90,7 @@ def test_lora_chunks_bound_the_epilogue_tile():
     for m in range(1, MAX_ROWS + 1):
         for k in (64, 3072, 12288):
             c = lora_chunks(m, k)
-            assert 1 <= c <= k // 64 and c * block_rows(m) <= 64
+            assert 1 <= c <= k // 64 and c * block_rows(m) <= 128
 
 
 def test_gemv_errors_say_what_was_expected():
@@ -123,7 +123,7 @@ for rows in (1, 2, 4, 8):
     names = list(signature)
     # What a launch at K=3072, N=12288, R=32 specialises: pointers and strides divisible by 16.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("M", "CHUNKS")}
-    constexprs = dict(BLOCK_M=rows, BLOCK_N=tile["BLOCK_N"], GROUPS=tile["GROUPS"], BLOCK_C=64 // rows,
+    constexprs = dict(BLOCK_M=rows, BLOCK_N=tile["BLOCK_N"], GROUPS=tile["GROUPS"], BLOCK_C=128 // rows,
                       BLOCK_R=32, HAS_BIAS=True, USE_PTX=True, PDL=rows == 1)
     signature.update({n: "constexpr" for n in constexprs})
     source = triton.compiler.ASTSource(w4a4_gemv_kernel, signature, constexprs, attrs)
