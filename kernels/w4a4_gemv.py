@@ -114,7 +114,6 @@ def w4a4_gemv_kernel(
     n4 = n1[None, :, None, None]
     g4 = g1[None, None, :, None]
     j4 = j1[None, None, None, :]
-    m3 = m1[:, None, None]
     n3 = n1[None, :, None]
     num_groups = K // 64
     # Row strides in words (K/8 and K/4) come as arguments, not computed here: Triton then
@@ -159,12 +158,13 @@ def w4a4_gemv_kernel(
     tl.store(out_ptr + m2.to(tl.int64) * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
 
 
-def lora_chunks(m: int, k: int) -> int:
+def lora_chunks(m: int, k: int, r: int) -> int:
     """How many low-rank partials the quantizer should write for this GEMV. More chunks mean
-    more quantizer programs (each walks fewer groups); the GEMV loads them all at once
-    (BLOCK_C x BLOCK_M x R values per program, after its loop), so at most 128 row-chunks:
-    sm_90 SASS, 40 registers at one row, 122 at eight (94 with 64)."""
-    return max(1, min(k // GROUP, 128 // block_rows(m)))
+    more quantizer programs (each walks fewer groups); the GEMV loads them all at once after
+    its loop, BLOCK_C x BLOCK_M x BLOCK_R fp32 values per program, kept to 4096 (32
+    registers a thread): at rank 32, 128 row-chunks (sm_90 SASS: 40 registers at one row,
+    122 at eight)."""
+    return max(1, min(k // GROUP, 4096 // (block_rows(m) * triton.next_power_of_2(r))))
 
 
 def block_rows(m: int) -> int:

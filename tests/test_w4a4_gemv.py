@@ -51,7 +51,7 @@ CONFIGS = [None, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 4}, {"BLOCK_N": 4, "GR
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_gemv_matches_reference(m, n, k, r, config):
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m * 100 + n)
-    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
     poison = torch.full((m, n), float("nan"), dtype=torch.float32, device=KERNEL_DEVICE)
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, torch.float32, config=CONFIGS[config], out=poison)
     ref = _reference(x, smooth, down, qweight, wscales, up, bias, False)
@@ -67,7 +67,7 @@ def test_gemv_unsigned_codes_and_dtypes(out_dtype, with_bias):
     m, n, k, r = 2, 48, 256, 8
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=5, unsigned=True)
     bias = bias if with_bias else None
-    codes, ascales, lora = quantize_activations(x, smooth, down, True, chunks=lora_chunks(m, k))
+    codes, ascales, lora = quantize_activations(x, smooth, down, True, chunks=lora_chunks(m, k, r))
     assert codes.max() > 7, "the test should reach the unsigned range"
     poison = torch.full((m, n), float("nan"), dtype=out_dtype, device=KERNEL_DEVICE)
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, out_dtype, out=poison)
@@ -81,7 +81,7 @@ def test_gemv_accepts_a_weight_view_at_an_odd_byte_offset():
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=9)
     shifted = torch.empty(n * k // 2 + 1, dtype=torch.int8, device=KERNEL_DEVICE)[1:].view(n, k // 2)
     shifted.copy_(qweight)
-    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
     out = w4a4_gemv(codes, ascales, shifted, wscales, lora, up, bias, torch.float32)
     assert relative_error(out, _reference(x, smooth, down, qweight, wscales, up, bias, False)) < (2e-3 if ON_GPU else 1e-5)
 
@@ -89,8 +89,14 @@ def test_gemv_accepts_a_weight_view_at_an_odd_byte_offset():
 def test_lora_chunks_bound_the_epilogue_tile():
     for m in range(1, MAX_ROWS + 1):
         for k in (64, 3072, 12288):
-            c = lora_chunks(m, k)
-            assert 1 <= c <= k // 64 and c * block_rows(m) <= 128
+            for r in (1, 32, 33, 128, 512):
+                c = lora_chunks(m, k, r)
+                assert 1 <= c <= k // 64 and (c * block_rows(m) * triton_next_pow2(r) <= 4096 or c == 1)
+    assert lora_chunks(1, 12288, 32) == 128
+
+
+def triton_next_pow2(v):
+    return 1 << (v - 1).bit_length()
 
 
 def test_gemv_errors_say_what_was_expected():
@@ -185,8 +191,9 @@ def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 1280), (1280, 3072)])
 def test_gemv_on_gpu_flux_sizes(m, k, n):
-    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, 32, seed=m + k)
-    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    r = 32
+    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m + k)
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
     poison = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, torch.bfloat16, out=poison)
     # The same codes for both (the reference takes natural order): this checks the GEMV alone.
