@@ -141,16 +141,18 @@ def w4a4_gemv_kernel(
         w1 = w1_next
     out = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M, N)
 
-    # Low-rank term: the quantizer's C partials of x @ proj_down, summed, times proj_up[n].
+    # Low-rank term: the quantizer's C partials of x @ proj_down, summed, times proj_up[n];
+    # 32 ranks at a time (a (M, N, R) product at rank 256 and 8 rows spilled).
     c1 = tl.arange(0, BLOCK_C)
-    r1 = tl.arange(0, BLOCK_R)
     c3 = c1[:, None, None]
     cm3 = m1[None, :, None]
-    r3 = r1[None, None, :]
-    lora_ok = (c3 < CHUNKS) & (cm3 < M) & (r3 < R)
-    lora = tl.sum(tl.load(lora_ptr + (c3 * M + cm3) * R + r3, mask=lora_ok, other=0.0), axis=0)  # (M, R)
-    up = tl.load(up_ptr + n3.to(tl.int64) * R + r3, mask=(n3 < N) & (r3 < R), other=0.0).to(tl.float32)  # (1, N, R)
-    out += tl.sum(lora[:, None, :] * up, axis=2)
+    RANK_STEP: tl.constexpr = min(BLOCK_R, 32)
+    for r0 in tl.static_range(0, BLOCK_R, RANK_STEP):
+        r3 = r0 + tl.arange(0, RANK_STEP)[None, None, :]
+        lora_ok = (c3 < CHUNKS) & (cm3 < M) & (r3 < R)
+        lora = tl.sum(tl.load(lora_ptr + (c3 * M + cm3) * R + r3, mask=lora_ok, other=0.0), axis=0)  # (M, RANK_STEP)
+        up = tl.load(up_ptr + n3.to(tl.int64) * R + r3, mask=(n3 < N) & (r3 < R), other=0.0).to(tl.float32)  # (1, N, RANK_STEP)
+        out += tl.sum(lora[:, None, :] * up, axis=2)
     m2 = m1[:, None]
     n2 = n1[None, :]
     if HAS_BIAS:

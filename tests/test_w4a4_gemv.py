@@ -47,7 +47,7 @@ def _reference(x, smooth, down, qweight, wscales, up, bias, unsigned):
 CONFIGS = [None, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 4}, {"BLOCK_N": 4, "GROUPS": 1, "num_warps": 1}]
 
 
-@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32), (13, 20, 192, 5)])
+@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32), (13, 20, 192, 5), (2, 24, 128, 40)])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_gemv_matches_reference(m, n, k, r, config):
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m * 100 + n)
