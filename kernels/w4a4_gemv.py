@@ -163,10 +163,10 @@ def w4a4_gemv_kernel(
 def lora_chunks(m: int, k: int, r: int) -> int:
     """How many low-rank partials the quantizer should write for this GEMV. More chunks mean
     more quantizer programs (each walks fewer groups); the GEMV loads them all at once after
-    its loop, BLOCK_C x BLOCK_M x BLOCK_R fp32 values per program, kept to 4096 (32
-    registers a thread): at rank 32, 128 row-chunks (sm_90 SASS: 40 registers at one row,
-    122 at eight)."""
-    return max(1, min(k // GROUP, 4096 // (block_rows(m) * triton.next_power_of_2(r))))
+    its loop, 32 ranks at a time: BLOCK_C x BLOCK_M x 32 fp32 values per program, kept to 4096
+    (32 registers a thread), i.e. 128 row-chunks (sm_90 SASS: 40 registers at one row, 122 at
+    eight)."""
+    return max(1, min(k // GROUP, 4096 // (block_rows(m) * min(triton.next_power_of_2(r), 32))))
 
 
 def block_rows(m: int) -> int:
