@@ -153,7 +153,7 @@ def small_m_section(shapes, batches):
                     t_nopdl = guarded(lambda: graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype,
                                                                                              pdl=False) for q in qts]))
                     p = qt._params
-                    chunks = gemv_mod.lora_chunks(m, k)
+                    chunks = gemv_mod.lora_chunks(m, k, RANK)
                     q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)
                     t_q = graph_us([lambda: quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)])
                     t_k = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2],
@@ -166,7 +166,7 @@ def small_m_section(shapes, batches):
         p = qt._params
         for m, tiles in GEMV_TILES.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=gemv_mod.lora_chunks(m, k))
+            q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=gemv_mod.lora_chunks(m, k, RANK))
             for bn, groups, warps in tiles:
                 cfg = {"BLOCK_N": bn, "GROUPS": groups, "num_warps": warps}
                 t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
@@ -186,16 +186,19 @@ GEMV_TILES = {
 }
 
 
+# Chosen from the sm_90 SASS of the loop (benchmarks/NOTES.md, W4A4 v4 quantizer): fewer
+# instructions and barriers per element, fewer re-reads of proj_down (one per row tile).
 QUANT_VARIANTS = [
-    {},  # v3 default
+    {},  # v3 default: 16 rows, 4 warps
     {"FAST_DIV": True},
-    {"FAST_DIV": True, "BLOCK_M": 32},
-    {"FAST_DIV": True, "STEP_GROUPS": 2},
-    {"FAST_DIV": True, "BLOCK_M": 32, "STEP_GROUPS": 2, "num_warps": 8},
+    {"BLOCK_M": 32, "num_warps": 8},
+    {"FAST_DIV": True, "BLOCK_M": 32, "num_warps": 8},
+    {"FAST_DIV": True, "BLOCK_M": 64, "num_warps": 8},
     {"FAST_DIV": True, "BLOCK_M": 64},
-    {"FAST_DIV": True, "programs": 2048},
-    {"FAST_DIV": True, "BLOCK_M": 32, "programs": 512},
-    {"FAST_DIV": True, "num_stages": 4},
+    {"FAST_DIV": True, "BLOCK_M": 32, "num_warps": 8, "programs": 2048},
+    {"FAST_DIV": True, "BLOCK_M": 64, "num_warps": 8, "programs": 512},
+    {"FAST_DIV": True, "BLOCK_M": 32, "num_warps": 8, "num_stages": 4},
+    {"FAST_DIV": True, "STEP_GROUPS": 2},
 ]
 
 

@@ -37,7 +37,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+
+try:  # programmatic dependent launch (Triton 3.6 has it); without it the GEMV launches plainly
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_wait = None
 
 GROUP = 64
 MAX_ROWS = 16
@@ -110,7 +114,6 @@ def w4a4_gemv_kernel(
     n4 = n1[None, :, None, None]
     g4 = g1[None, None, :, None]
     j4 = j1[None, None, None, :]
-    m3 = m1[:, None, None]
     n3 = n1[None, :, None]
     num_groups = K // 64
     # Row strides in words (K/8 and K/4) come as arguments, not computed here: Triton then
@@ -138,16 +141,18 @@ def w4a4_gemv_kernel(
         w1 = w1_next
     out = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M, N)
 
-    # Low-rank term: the quantizer's C partials of x @ proj_down, summed, times proj_up[n].
+    # Low-rank term: the quantizer's C partials of x @ proj_down, summed, times proj_up[n];
+    # 32 ranks at a time (a (M, N, R) product at rank 256 and 8 rows spilled).
     c1 = tl.arange(0, BLOCK_C)
-    r1 = tl.arange(0, BLOCK_R)
     c3 = c1[:, None, None]
     cm3 = m1[None, :, None]
-    r3 = r1[None, None, :]
-    lora_ok = (c3 < CHUNKS) & (cm3 < M) & (r3 < R)
-    lora = tl.sum(tl.load(lora_ptr + (c3 * M + cm3) * R + r3, mask=lora_ok, other=0.0), axis=0)  # (M, R)
-    up = tl.load(up_ptr + n3.to(tl.int64) * R + r3, mask=(n3 < N) & (r3 < R), other=0.0).to(tl.float32)  # (1, N, R)
-    out += tl.sum(lora[:, None, :] * up, axis=2)
+    RANK_STEP: tl.constexpr = min(BLOCK_R, 32)
+    for r0 in tl.static_range(0, BLOCK_R, RANK_STEP):
+        r3 = r0 + tl.arange(0, RANK_STEP)[None, None, :]
+        lora_ok = (c3 < CHUNKS) & (cm3 < M) & (r3 < R)
+        lora = tl.sum(tl.load(lora_ptr + (c3 * M + cm3) * R + r3, mask=lora_ok, other=0.0), axis=0)  # (M, RANK_STEP)
+        up = tl.load(up_ptr + n3.to(tl.int64) * R + r3, mask=(n3 < N) & (r3 < R), other=0.0).to(tl.float32)  # (1, N, RANK_STEP)
+        out += tl.sum(lora[:, None, :] * up, axis=2)
     m2 = m1[:, None]
     n2 = n1[None, :]
     if HAS_BIAS:
@@ -155,10 +160,13 @@ def w4a4_gemv_kernel(
     tl.store(out_ptr + m2.to(tl.int64) * stride_om + n2, out.to(out_ptr.dtype.element_ty), mask=(m2 < M) & (n2 < N))
 
 
-def lora_chunks(m: int, k: int) -> int:
-    """How many low-rank partials the quantizer should write for this GEMV: the GEMV loads
-    them all at once (BLOCK_C x BLOCK_M x R values per program), so at most 64 row-chunks."""
-    return max(1, min(k // GROUP, 64 // block_rows(m)))
+def lora_chunks(m: int, k: int, r: int) -> int:
+    """How many low-rank partials the quantizer should write for this GEMV. More chunks mean
+    more quantizer programs (each walks fewer groups); the GEMV loads them all at once after
+    its loop, 32 ranks at a time: BLOCK_C x BLOCK_M x 32 fp32 values per program, kept to 4096
+    (32 registers a thread), i.e. 128 row-chunks (sm_90 SASS: 40 registers at one row, 122 at
+    eight)."""
+    return max(1, min(k // GROUP, 4096 // (block_rows(m) * min(triton.next_power_of_2(r), 32))))
 
 
 def block_rows(m: int) -> int:
@@ -208,6 +216,12 @@ def w4a4_gemv(
         out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     c = dict(config or default_tile(m, n))
     warps = c.pop("num_warps", 4)
+    weights = (qweight, wscales, proj_up)
+    if qweight.storage_offset() % 4 or not all(t.is_contiguous() for t in weights):
+        # A copy launched here would sit between the quantizer and the GEMV, whose first
+        # weight loads come before its griddepcontrol.wait: launch plainly then.
+        pdl = False
+        qweight = qweight.clone() if qweight.storage_offset() % 4 else qweight  # 32-bit view: 4-byte aligned start
     block_m = block_rows(m)
     w4a4_gemv_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, c["BLOCK_N"]),)](
         codes.contiguous().view(torch.int32), ascales.contiguous(), qweight.contiguous().view(torch.int32),
@@ -215,6 +229,7 @@ def w4a4_gemv(
         m, n, k, r, chunks, k // 4, k // 8, out.stride(0),
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_R=triton.next_power_of_2(r), HAS_BIAS=bias is not None, USE_PTX=not _interpreting(),
-        **c, num_warps=warps, **({"PDL": True, "launch_pdl": True} if pdl and not _interpreting() else {}),
+        **c, num_warps=warps,
+        **({"PDL": True, "launch_pdl": True} if pdl and gdc_wait is not None and not _interpreting() else {}),
     )
     return out

@@ -30,7 +30,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+
+try:  # programmatic dependent launch (Triton 3.6 has it); see w4a4_gemv.py
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = None
 
 GROUP = 64
 GELU_UNSIGNED_SHIFT = 0.171875
@@ -143,7 +147,8 @@ def w4a4_quantize_kernel(
                 row_scale_ok = (rows < M) & ((rows * 0 + g) < last)
             x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok & ok[None, :], other=0.0)
             # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
-            down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :] & ok[:, None], other=0.0)
+            down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :],
+                           mask=rank_ok[None, :] & ok[:, None], other=0.0)
             if IEEE_DOT:
                 lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
             else:
@@ -237,7 +242,7 @@ def quantize_activations(
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
         STEP_GROUPS=step, FAST_DIV=c["FAST_DIV"] and not _interpreting(),
-        LAUNCH_DEPENDENTS=c["launch_dependents"] and not _interpreting(),
+        LAUNCH_DEPENDENTS=c["launch_dependents"] and gdc_launch_dependents is not None and not _interpreting(),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return codes, ascales, lora

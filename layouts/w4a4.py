@@ -297,7 +297,7 @@ def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params,
     m, k = x2d.shape
     pdl = _has_pdl(x2d.device) if pdl is None else pdl
     codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned,
-                                                chunks=lora_chunks(m, k), codes_dtype=torch.int8,
+                                                chunks=lora_chunks(m, k, p.proj_down.shape[1]), codes_dtype=torch.int8,
                                                 config={"launch_dependents": pdl})
     return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
 

@@ -47,11 +47,11 @@ def _reference(x, smooth, down, qweight, wscales, up, bias, unsigned):
 CONFIGS = [None, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 4}, {"BLOCK_N": 4, "GROUPS": 1, "num_warps": 1}]
 
 
-@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32), (13, 20, 192, 5)])
+@pytest.mark.parametrize("m,n,k,r", [(1, 40, 192, 4), (2, 33, 320, 16), (3, 24, 128, 7), (8, 17, 320, 32), (13, 20, 192, 5), (2, 24, 128, 40)])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_gemv_matches_reference(m, n, k, r, config):
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m * 100 + n)
-    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
     poison = torch.full((m, n), float("nan"), dtype=torch.float32, device=KERNEL_DEVICE)
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, torch.float32, config=CONFIGS[config], out=poison)
     ref = _reference(x, smooth, down, qweight, wscales, up, bias, False)
@@ -67,7 +67,7 @@ def test_gemv_unsigned_codes_and_dtypes(out_dtype, with_bias):
     m, n, k, r = 2, 48, 256, 8
     x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=5, unsigned=True)
     bias = bias if with_bias else None
-    codes, ascales, lora = quantize_activations(x, smooth, down, True, chunks=lora_chunks(m, k))
+    codes, ascales, lora = quantize_activations(x, smooth, down, True, chunks=lora_chunks(m, k, r))
     assert codes.max() > 7, "the test should reach the unsigned range"
     poison = torch.full((m, n), float("nan"), dtype=out_dtype, device=KERNEL_DEVICE)
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, out_dtype, out=poison)
@@ -75,11 +75,28 @@ def test_gemv_unsigned_codes_and_dtypes(out_dtype, with_bias):
     assert out.dtype == out_dtype and relative_error(out, ref) < 8e-3
 
 
+def test_gemv_accepts_a_weight_view_at_an_odd_byte_offset():
+    """A packed weight sliced out of a larger buffer (as a file loader may hand it over)."""
+    m, n, k, r = 1, 24, 128, 4
+    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=9)
+    shifted = torch.empty(n * k // 2 + 1, dtype=torch.int8, device=KERNEL_DEVICE)[1:].view(n, k // 2)
+    shifted.copy_(qweight)
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
+    out = w4a4_gemv(codes, ascales, shifted, wscales, lora, up, bias, torch.float32)
+    assert relative_error(out, _reference(x, smooth, down, qweight, wscales, up, bias, False)) < (2e-3 if ON_GPU else 1e-5)
+
+
 def test_lora_chunks_bound_the_epilogue_tile():
     for m in range(1, MAX_ROWS + 1):
         for k in (64, 3072, 12288):
-            c = lora_chunks(m, k)
-            assert 1 <= c <= k // 64 and c * block_rows(m) <= 64
+            for r in (1, 32, 33, 128, 512):
+                c = lora_chunks(m, k, r)
+                assert 1 <= c <= k // 64 and c * block_rows(m) * min(triton_next_pow2(r), 32) <= 4096
+    assert lora_chunks(1, 12288, 32) == 128
+
+
+def triton_next_pow2(v):
+    return 1 << (v - 1).bit_length()
 
 
 def test_gemv_errors_say_what_was_expected():
@@ -112,7 +129,7 @@ for rows in (1, 2, 4, 8):
     names = list(signature)
     # What a launch at K=3072, N=12288, R=32 specialises: pointers and strides divisible by 16.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("M", "CHUNKS")}
-    constexprs = dict(BLOCK_M=rows, BLOCK_N=tile["BLOCK_N"], GROUPS=tile["GROUPS"], BLOCK_C=64 // rows,
+    constexprs = dict(BLOCK_M=rows, BLOCK_N=tile["BLOCK_N"], GROUPS=tile["GROUPS"], BLOCK_C=128 // rows,
                       BLOCK_R=32, HAS_BIAS=True, USE_PTX=True, PDL=rows == 1)
     signature.update({n: "constexpr" for n in constexprs})
     source = triton.compiler.ASTSource(w4a4_gemv_kernel, signature, constexprs, attrs)
@@ -174,8 +191,9 @@ def test_gemv_compiles_for_sm90_with_a_memory_bound_loop():
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 1280), (1280, 3072)])
 def test_gemv_on_gpu_flux_sizes(m, k, n):
-    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, 32, seed=m + k)
-    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k))
+    r = 32
+    x, smooth, down, qweight, wscales, up, bias = _inputs(m, n, k, r, seed=m + k)
+    codes, ascales, lora = quantize_activations(x, smooth, down, chunks=lora_chunks(m, k, r))
     poison = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     out = w4a4_gemv(codes, ascales, qweight, wscales, lora, up, bias, torch.bfloat16, out=poison)
     # The same codes for both (the reference takes natural order): this checks the GEMV alone.
@@ -216,7 +234,8 @@ def test_pdl_plan_is_bit_identical_eager_and_in_a_cuda_graph():
     qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=32)
     q, p = qt._qdata, qt._params
     bias = torch.randn(3072, device="cuda").to(torch.bfloat16)
-    xs = [outlier_matrix(rows, 3072, seed=20 + i, scale=20.0).to(torch.bfloat16).cuda() for i, rows in enumerate((1, 2, 1, 4, 1, 8) * 4)]
+    xs = [outlier_matrix(rows, 3072, seed=20 + i, scale=20.0).to(torch.bfloat16).cuda()
+          for i, rows in enumerate((1, 2, 1, 4, 1, 8, 16) * 4)]
     plain = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=False) for x in xs]
     with_pdl = [_gemv_linear(x, q, p, bias, torch.bfloat16, pdl=True) for x in xs]
     torch.cuda.synchronize()

@@ -77,7 +77,7 @@ def test_quantize_matches_reference(m, k, r, dtype, unsigned):
 
 
 @pytest.mark.parametrize("config", [{"STEP_GROUPS": 2}, {"STEP_GROUPS": 4, "BLOCK_M": 32, "num_warps": 8},
-                                    {"BLOCK_M": 32, "FAST_DIV": True}])
+                                    {"BLOCK_M": 32, "FAST_DIV": True}, {"BLOCK_M": 64, "num_warps": 8, "FAST_DIV": True}])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_variants_match_reference(config, unsigned):
     """The benchmark's quantizer variants: several groups per step (K=320 has 5 groups, so a
