@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import bnb4_codec
+from . import bnb4_codec, bnb4_lut
+from .bnb4_lut import lane_ids, lut_decode
 from .tiling import grouped_tile_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -200,6 +201,74 @@ def _bnb4_gemv_kernel(
     tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _bnb4_gemv_lut_kernel(
+    xp_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, words_ptr, bias_ptr, out_ptr,
+    N, ROW_BYTES, BLOCKS_PER_ROW, stride_xpm, stride_om,
+    QBLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    KB: tl.constexpr,  # 16-byte chunks of a row per loop step
+    X_KIND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    LUT: tl.constexpr,  # 0: codebook gather (interpreter, fp32 x), 1: NF4 register LUT, 2: FP4 register LUT
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the row's chunks % KB == 0: no masks
+):
+    """v5 GEMV, one row of x (program axis 1) against BLOCK_N rows of W.
+
+    The tile is (BLOCK_N rows, KB chunks, 16 bytes): a thread owns whole 16-byte chunks (one
+    128-bit load each; a chunk is 32 elements, so it lies in one quantization block and needs
+    one absmax). Per step a thread sums its chunk's products in registers and adds
+    ``sum * absmax`` to its own (row, chunk) accumulator: no cross-thread traffic in the loop.
+    The rows' sums over the chunk axis are reduced once, after the loop.
+    """
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    chunk = tl.arange(0, KB)
+    lane = tl.arange(0, 16)
+    byte_off = offs_n[:, None, None] * ROW_BYTES + chunk[None, :, None] * 16 + lane[None, None, :]
+    # x pairs of the same elements, broadcast over the rows so that the x load has the byte
+    # load's shape: Triton then gives both one layout (16 per thread) and x needs no shuffle
+    pair_off = tl.broadcast_to(chunk[None, :, None] * 16 + lane[None, None, :], (BLOCK_N, KB, 16))
+    x_row = xp_ptr + row * stride_xpm
+    num_chunks = ROW_BYTES // 16
+    if LUT != 0:
+        # The LUT's register words, each lane loading its own copy (words_ptr holds 32 copies):
+        # a value ptxas can prove uniform it keeps in a uniform register and copies into a
+        # register before every prmt that uses it (one extra instruction per prmt in the SASS).
+        lane = lane_ids((BLOCK_N, KB))
+        l0 = tl.load(words_ptr + lane * 4)[:, :, None]
+        l2 = tl.load(words_ptr + lane * 4 + 1)[:, :, None]
+        h0 = tl.load(words_ptr + lane * 4 + 2)[:, :, None]
+        h2 = tl.load(words_ptr + lane * 4 + 3)[:, :, None]
+    acc = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    for c0 in range(0, num_chunks, KB):
+        c_ok = (c0 + chunk) < num_chunks
+        if EVEN:
+            byte = tl.load(packed_ptr + byte_off + c0 * 16)
+            xv = tl.load(x_row + pair_off + c0 * 16)
+        else:
+            tile_ok = n_ok[:, None, None] & c_ok[None, :, None]
+            byte = tl.load(packed_ptr + byte_off + c0 * 16, mask=tile_ok, other=0)
+            xv = tl.load(x_row + pair_off + c0 * 16, mask=tile_ok, other=0)
+        if LUT == 0:
+            w_hi, w_lo = _decode(code_ptr, code_ptr, byte, False)
+        else:
+            w_hi, w_lo = lut_decode(byte, l0, l2, h0, h2, LUT == 2)
+        x_even, x_odd = _unpair(xv, X_KIND)
+        part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
+        block = offs_n[:, None] * BLOCKS_PER_ROW + ((c0 + chunk[None, :]) * 32) // QBLOCK
+        scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block,
+                              (n_ok[:, None] & c_ok[None, :]) | EVEN, DOUBLE_QUANT)
+        acc += part * scale
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------- fused GEMM
 
 
@@ -313,11 +382,27 @@ def _gemv_configs() -> list[triton.Config]:
             for bn, ch, w in _GEMV_TILES for pf in (False, True)]
 
 
+# (BLOCK_N, KB, num_warps) of the v5 GEMV: rows per program and 16-byte chunks per step.
+_GEMV_LUT_TILES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), (16, 64, 8), (2, 64, 4)]
+
+
+def _gemv_lut_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "KB": kb}, num_warps=w) for bn, kb, w in _GEMV_LUT_TILES]
+
+
+# EVEN (no masks) whenever the tile divides the shape: the masked loads cost a register
+# zeroing per element and the predicates
+_gemv_lut_jit = triton.heuristics({
+    "EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and (a["ROW_BYTES"] // 16) % a["KB"] == 0,
+})(_bnb4_gemv_lut_kernel)
+
 if not AUTOTUNE:
     _gemv = _bnb4_gemv_kernel
+    _gemv_lut = _gemv_lut_jit
     _matmul = _bnb4_matmul_kernel
 else:
     _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
+    _gemv_lut = triton.autotune(_gemv_lut_configs(), key=["N", "ROW_BYTES"])(_gemv_lut_jit)
     _matmul = triton.autotune(
         _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
     )(_bnb4_matmul_kernel)
@@ -325,6 +410,7 @@ else:
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
 # (the interpreter runs programs one after another: few, large ones keep CI fast)
 _FIXED_GEMV = {"BLOCK_N": 64 if INTERPRET else 16, "CHUNKS": 4 if INTERPRET else 2, "PAIR": True, "PREFETCH": True}
+_FIXED_GEMV_LUT = {"BLOCK_N": 32, "KB": 8} if INTERPRET else {"BLOCK_N": 8, "KB": 32}
 _FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -420,10 +506,19 @@ def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 1024)
 
 
+def experimental() -> bool:
+    """COMFY_LOWBIT_EXPERIMENTAL=1 (read at call time) opts into kernels that have not yet been
+    measured on a GPU (the v5 register-LUT GEMV, see benchmarks/NOTES.md)."""
+    return os.environ.get("COMFY_LOWBIT_EXPERIMENTAL", "0") == "1"
+
+
 def choose_path(m: int) -> str:
     """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
-    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3)."""
-    return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
+    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3).
+    The v5 GEMV (``gemv_lut``) replaces the v4 one only when opted into (``experimental``)."""
+    if m <= GEMV_MAX_M:
+        return "gemv_lut" if experimental() else "gemv"
+    return "dequant_cublas"
 
 
 def bnb4_linear(
@@ -436,7 +531,7 @@ def bnb4_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for x of shape (..., K) in fp16/bf16/fp32; output in x's dtype.
 
-    ``path`` forces one of ``gemv``/``fused``/``dequant_cublas`` (benchmarks, tests); ``out``
+    ``path`` forces one of ``gemv``/``gemv_lut``/``fused``/``dequant_cublas`` (benchmarks, tests); ``out``
     (contiguous, (M, N) with M the rows of x) lets tests hand in a poisoned buffer.
     """
     check_inputs(x, w, bias)
@@ -456,6 +551,8 @@ def bnb4_linear(
     path = path or choose_path(m)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
+    elif path == "gemv_lut":
+        _launch_gemv_lut(x2, w, bias, out)
     elif path == "fused":
         _launch_matmul(x2, w, bias, out)
     elif path == "dequant_cublas":
@@ -465,7 +562,7 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'fused' or 'dequant_cublas', got {path!r}")
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused' or 'dequant_cublas', got {path!r}")
     return out.reshape(*lead, n)
 
 
@@ -490,6 +587,41 @@ def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
     else:
         key = ("gemv", n, k, x2.dtype, *meta.values())
         _run_tuned(_gemv, _bnb4_gemv_kernel, key, grid_of, args, meta)
+
+
+_LUT_WORDS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lut_words(quant_type: str, device: torch.device) -> torch.Tensor:
+    """32 copies (one per lane) of the codebook's four LUT register words, int32."""
+    key = (quant_type, device)
+    if key not in _LUT_WORDS:
+        _LUT_WORDS[key] = bnb4_lut.register_words(quant_type).repeat(32).to(device)
+    return _LUT_WORDS[key]
+
+
+def _launch_gemv_lut(x2, w: Bnb4Weight, bias, out) -> None:
+    """The v5 GEMV. Register LUT on the GPU for fp16/bf16 x (the codebook rounded to float16:
+    2^-11 relative, below those dtypes' output rounding); the exact codebook gather for fp32 x
+    and under the interpreter (inline PTX cannot be interpreted)."""
+    n, k = w.shape
+    m = x2.shape[0]
+    code, _, dyn = _constants(w.quant_type, x2.device)
+    kind, word = _X_KIND[x2.dtype]
+    if x2.stride(0) % 2 or x2.data_ptr() % (2 * x2.element_size()):
+        x2 = x2.clone()
+    xp = x2.view(word)
+    lut = 0 if INTERPRET or x2.dtype == torch.float32 else (1 if w.quant_type == "nf4" else 2)
+    words = _lut_words(w.quant_type, x2.device) if lut else code
+    args = (xp, w.packed, *_absmax_args(w, dyn), code, words, bias if bias is not None else out, out,
+            n, k // 2, k // w.block_size, xp.stride(0), out.stride(0))
+    meta = dict(QBLOCK=w.block_size, X_KIND=kind, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant, LUT=lut)
+    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), m)  # noqa: E731
+    if not AUTOTUNE:
+        _gemv_lut[grid_of(_FIXED_GEMV_LUT)](*args, **meta, **_FIXED_GEMV_LUT)
+    else:
+        key = ("gemv_lut", n, k, x2.dtype, *meta.values())
+        _run_tuned(_gemv_lut, _gemv_lut_jit, key, grid_of, args, meta)
 
 
 def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:

@@ -27,7 +27,7 @@ BLOCK = 64
 K = 5 * BLOCK
 N = 3 * BLOCK  # odd multiples of the block: not a multiple of the 128-wide N tiles
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
-PATHS = ("gemv", "fused", "dequant_cublas")
+PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas")
 
 
 def make_weight(n: int, k: int, quant_type: str, double_quant: bool, seed: int, block: int = BLOCK) -> Bnb4Weight:
@@ -67,6 +67,8 @@ def to_cpu(w: Bnb4Weight) -> Bnb4Weight:
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
 @pytest.mark.parametrize("path", PATHS)
 def test_linear_matches_reference(path, m, quant_type, double_quant):
+    if path == "gemv_lut" and m > 17:
+        pytest.skip("the M=1 GEMV: 17 rows of x already cover the row axis (keeps CI fast)")
     weight = make_weight(N, K, quant_type, double_quant, seed=m)
     x = outlier_matrix(m, K, seed=100 + m).to(KERNEL_DEVICE, torch.bfloat16)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
@@ -102,6 +104,18 @@ def test_gemv_without_prefetch(monkeypatch):
     weight = make_weight(N, K, "fp4", True, seed=61)
     x = outlier_matrix(3, K, seed=62).to(KERNEL_DEVICE, torch.float16)
     check_linear(x, weight, None, "gemv", torch.float16)
+
+
+def test_gemv_lut_even_tiles_and_opt_in(monkeypatch):
+    """The v5 GEMV where its tile divides the shape (the unmasked EVEN variant: N = 192 rows,
+    K = 512 = 16 chunks of 16 bytes), reached through the dispatch once opted into."""
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    assert choose_path(1) == "gemv_lut" and choose_path(2) == "dequant_cublas"
+    weight = make_weight(N, 8 * BLOCK, "nf4", True, seed=71)
+    x = outlier_matrix(1, 8 * BLOCK, seed=72).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, None, None, torch.bfloat16)
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "0")
+    assert choose_path(1) == "gemv"
 
 
 def test_dispatch_covers_every_m():
