@@ -175,3 +175,20 @@ def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
                            bnb4_codec.dequantize_nested_absmax(*ref_nested).cpu())
     else:
         assert torch.equal(got[1].cpu(), absmax_ref)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_midpoint_ties_bit_exact(quant_type):
+    """Every midpoint between codebook values, and its float32 neighbours, as scaled values
+    (a block whose absmax is 1.0 scales by exactly 1): ties take the lower code, as the codec."""
+    from comfy_lowbit.kernels.bnb4_quantize import quantize_tables
+
+    mids = torch.tensor(quantize_tables(quant_type)[0], dtype=torch.float32)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        torch.tensor([1.0, -1.0, 0.0, -0.0])])
+    x = torch.zeros(2 * BLOCK)
+    x[:probes.numel()] = probes
+    x[BLOCK:BLOCK + probes.numel()] = -probes.flip(0)
+    got = bnb4_quantize(x.to(KERNEL_DEVICE), BLOCK, quant_type)
+    packed_ref, absmax_ref = bnb4_codec.quantize_4bit(x, BLOCK, quant_type)
+    assert torch.equal(got[0].cpu(), packed_ref) and torch.equal(got[1].cpu(), absmax_ref)
