@@ -154,6 +154,7 @@ def test_bad_inputs_name_what_was_expected():
     (torch.bfloat16, (160, 192), 64),
     (torch.float32, (7, 37), 64),  # odd numel: a partial last block and a padded last nibble
     (torch.float16, (3, 256), 128),
+    (torch.bfloat16, (64, 128), 64),  # 8192 values: whole programs on the GPU too (the unmasked variant)
 ])
 @pytest.mark.parametrize("nested", [False, True])
 def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
