@@ -15,6 +15,8 @@ import struct
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from comfy_lowbit.kernels import bnb4_codec, bnb4_lut
 
@@ -98,30 +100,29 @@ def test_inline_ptx_all_bytes(quant_type):
             assert (out[j], out[4 + j]) == (exp[byte >> 4], exp[byte & 15]), f"byte {byte:#04x}"
 
 
+@triton.jit
+def decode_all(bytes_ptr, words_ptr, hi_ptr, lo_ptr, IS_FP4: tl.constexpr):
+    offs = tl.arange(0, 256)
+    byte = tl.load(bytes_ptr + offs)
+    lane = bnb4_lut.lane_ids((256,))
+    l0 = tl.load(words_ptr + lane * 4)
+    l2 = tl.load(words_ptr + lane * 4 + 1)
+    h0 = tl.load(words_ptr + lane * 4 + 2)
+    h2 = tl.load(words_ptr + lane * 4 + 3)
+    hi, lo = bnb4_lut.lut_decode(byte, l0, l2, h0, h2, IS_FP4)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on a GPU only")
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_gpu_lut_decode_all_bytes(quant_type):
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def decode_all(bytes_ptr, words_ptr, hi_ptr, lo_ptr, IS_FP4: tl.constexpr):
-        offs = tl.arange(0, 256)
-        byte = tl.load(bytes_ptr + offs)
-        lane = bnb4_lut.lane_ids((256,))
-        l0 = tl.load(words_ptr + lane * 4)
-        l2 = tl.load(words_ptr + lane * 4 + 1)
-        h0 = tl.load(words_ptr + lane * 4 + 2)
-        h2 = tl.load(words_ptr + lane * 4 + 3)
-        hi, lo = bnb4_lut.lut_decode(byte, l0, l2, h0, h2, IS_FP4)
-        tl.store(hi_ptr + offs, hi)
-        tl.store(lo_ptr + offs, lo)
-
     byte = torch.arange(256, dtype=torch.uint8, device="cuda")
     words = bnb4_lut.register_words(quant_type).repeat(32).cuda()
     hi = torch.full((256,), float("nan"), device="cuda")
     lo = torch.full((256,), float("nan"), device="cuda")
-    decode_all[(1,)](byte, words, hi, lo, IS_FP4=quant_type == "fp4")
+    # one warp: 8 bytes per thread, so the asm always gets 4 real bytes (pack=4)
+    decode_all[(1,)](byte, words, hi, lo, IS_FP4=quant_type == "fp4", num_warps=1)
     code = bnb4_codec.codebook(quant_type).float().half().float()
     b = torch.arange(256)
     assert torch.equal(hi.cpu().view(torch.int32), code[b >> 4].view(torch.int32))
