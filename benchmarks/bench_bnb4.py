@@ -155,7 +155,7 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         eager = {name: median_us(rotating(fns)) for name, fns in (("bf16", bf16_fns), ("bnb", bnb_fns), ("ours", ours_fns))}
         variants = {}
         for path in paths:
-            if (path == "gemv" and m > 16) or (path == "gemv_lut" and m > 4) or (path == "fused" and m > 4096):
+            if (path == "gemv" and m > 16) or (path == "gemv_lut" and m > 8) or (path == "fused" and m > 4096):
                 continue
             variants[path] = graph_us([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies])
         flops = 2 * m * n * k

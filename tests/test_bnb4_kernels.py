@@ -108,12 +108,14 @@ def test_gemv_without_prefetch(monkeypatch):
 
 def test_gemv_lut_even_tiles_and_opt_in(monkeypatch):
     """The v5 GEMV where its tile divides the shape (the unmasked EVEN variant: N = 192 rows,
-    K = 512 = 16 chunks of 16 bytes), reached through the dispatch once opted into."""
+    K = 512 = 16 chunks of 16 bytes) with 1, 2 and 4 rows of x per program, reached through
+    the dispatch once opted into."""
     monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
-    assert choose_path(1) == "gemv_lut" and choose_path(2) == "dequant_cublas"
+    assert [choose_path(m) for m in (1, 2, 8, 9)] == ["gemv_lut"] * 3 + ["dequant_cublas"]
     weight = make_weight(N, 8 * BLOCK, "nf4", True, seed=71)
-    x = outlier_matrix(1, 8 * BLOCK, seed=72).to(KERNEL_DEVICE, torch.bfloat16)
-    check_linear(x, weight, None, None, torch.bfloat16)
+    for m in (1, 2, 4):
+        x = outlier_matrix(m, 8 * BLOCK, seed=72 + m).to(KERNEL_DEVICE, torch.bfloat16)
+        check_linear(x, weight, None, None, torch.bfloat16)
     monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "0")
     assert choose_path(1) == "gemv"
 
