@@ -2,12 +2,13 @@
 
 Why: a codebook gather from L1 per nibble (the v4 GEMV) costs a load instruction per element;
 here eight nibbles (one 32-bit word of packed bytes) are decoded by 22 integer instructions
-and 8 conversions, with the codebook as immediates in the instruction stream.
+and 8 conversions, with the codebook in four immediates and four registers.
 
 The table. Each of the 16 codebook values is rounded to float16 (NF4: 2^-11 relative at most;
 FP4's ``v / 12`` likewise), and its two bytes go into two *byte planes*: plane L holds the low
 bytes of entries 0..15, plane H the high bytes, each as four 32-bit words (entry ``e`` in byte
-``e % 4`` of word ``e // 4``) -- eight immediates per codebook.
+``e % 4`` of word ``e // 4``). A ``prmt`` takes one table word as an immediate; the other four
+(``register_words``) are loaded into registers once per kernel.
 
 PTX ``prmt.b32 d, a, b, c`` (default mode) builds d byte by byte: result byte i is byte
 ``c[4i+2:4i]`` of the 8-byte pool ``{b, a}`` (a = bytes 0-3, b = bytes 4-7); selector bit
@@ -27,8 +28,9 @@ values of bytes 0-1 in the order (lo0, hi0, lo1, hi1), and ``v >> 16`` those of 
     the float16 pair (lo_j, hi_j), and ``cvt.f32.f16`` widens each half (exact).
 
 Output: (hi, lo) float32 values of the high and low nibble of each byte, like the gather
-decode. ``emulate_lut_decode`` replays these exact steps with a Python ``prmt`` so CI checks
-the tables and the selector arithmetic for all 256 bytes without a GPU; the GPU test checks
+decode. ``emulate_lut_decode`` replays these steps with a Python ``prmt``, and
+``tests/test_bnb4_lut.py`` also runs the PTX text itself through a small interpreter, so CI
+checks tables, operands and selectors for all 256 bytes without a GPU; a GPU-only test checks
 the compiled asm against the same expectation.
 """
 from __future__ import annotations
