@@ -440,7 +440,8 @@ if not AUTOTUNE:
     _matmul = _bnb4_matmul_kernel
 else:
     _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
-    _gemv_lut = triton.autotune(_gemv_lut_configs(), key=["N", "ROW_BYTES"])(_gemv_lut_jit)
+    _gemv_lut = triton.autotune(_gemv_lut_configs(), key=["N", "ROW_BYTES", "ROWS", "LUT", "DOUBLE_QUANT", "X_KIND"])(
+        _gemv_lut_jit)
     _matmul = triton.autotune(
         _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
     )(_bnb4_matmul_kernel)
