@@ -257,7 +257,7 @@ def main() -> int:
     parser.add_argument("--shapes", help="comma-separated KxN (default: the four FLUX shapes)")
     parser.add_argument("--ms", help="comma-separated M (default: the full sweep)")
     parser.add_argument("--double-quant", action="store_true", help="double-quantized absmax (uint8 + nested)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="the forced paths to time besides the dispatched one")
+    parser.add_argument("--paths", default=",".join(PATHS), help="the forced paths to time besides the dispatched one ('none': only that one)")
     parser.add_argument("--no-quantize", action="store_true", help="skip the quantize/dequantize timings")
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -284,7 +284,8 @@ def main() -> int:
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
     for k, n in shapes:
-        bench_shape(k, n, bw, peak, rows, ms, args.double_quant, tuple(args.paths.split(",")))
+        paths = tuple(p for p in args.paths.split(",") if p and p != "none")
+        bench_shape(k, n, bw, peak, rows, ms, args.double_quant, paths)
     qrows = [] if args.no_quantize else bench_quantize(bw)
     try:
         report_kernels()
