@@ -36,6 +36,7 @@ from triton.testing import do_bench
 
 from comfy_lowbit.kernels.bnb4_linear import Bnb4Weight, bnb4_linear, choose_path, dequantize
 from comfy_lowbit.kernels.bnb4_quantize import bnb4_quantize
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]  # (K, N)
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
@@ -158,12 +159,14 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
             if (path == "gemv" and m > 16) or (path == "gemv_lut" and m > 8) or (path == "fused" and m > 4096):
                 continue
             variants[path] = graph_us([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies])
+        if m >= 256 and hopper_with_gluon(x.device):  # the Hopper fused GEMM, opt-in in the dispatch
+            variants["fused_sm90"] = graph_us([lambda o=o: bnb4_linear(x, o, path="fused_sm90") for _, _, o in nf4_copies])
         flops = 2 * m * n * k
         traffic = nf4_bytes + x.nbytes + m * n * 2
         floor = max(traffic / bw, flops / peak) * 1e6
         row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=choose_path(m),
                    gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), fused_us=variants.get("fused"),
-                   dequant_cublas_us=variants.get("dequant_cublas"),
+                   dequant_cublas_us=variants.get("dequant_cublas"), fused_sm90_us=variants.get("fused_sm90"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,
                    floor_us=floor, floor_frac=floor / t_ours, vs_bf16=t_bf16 / t_ours, vs_bnb=t_bnb / t_ours,
                    bnb_vs_bf16=t_bf16 / t_bnb, err_vs_bnb=err, eager_bf16_us=eager["bf16"],
@@ -174,7 +177,7 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
             f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('fused'))} {fmt(variants.get('dequant_cublas'))} | "
             f"{row['ours_tflops']:6.1f} {row['ours_weight_gbs']:7.0f} {floor:8.1f} {row['floor_frac']:5.2f} | "
             f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | "
-            f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e}")
+            f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e} | {fmt(variants.get('fused_sm90'))}")
 
 
 def bench_quantize(bw: float) -> list[dict]:
@@ -275,7 +278,7 @@ def main() -> int:
         "exceeds the L2 flush). gemv/fused/dq+cuBLAS = our paths forced; ours = the dispatched one.")
     say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>14} | {'gemv':>8} {'gemv_lut':>8} {'fused':>8} "
         f"{'dq+cuBLAS':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
-        f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err")
+        f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err | {'sm90':>8}")
     rows: list[dict] = []
     shapes = SHAPES[1:2] if args.quick else SHAPES
     if args.shapes:

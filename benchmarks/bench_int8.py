@@ -14,9 +14,11 @@ Methods:
   scale, per-channel weight scale (``F.linear`` on its QuantizedTensor);
 * ``int_mm``    raw ``torch._int_mm`` on pre-quantized operands (no quantization, no scales);
 * ``w8a8``      ours: activation quantization kernel + int8 GEMM with per-block scales;
-* ``w8a8_exact`` the same with the integer-add trick instead of the int32->fp32 conversion
-  instruction (variant);
+* ``w8a8_sm90`` ours on Hopper: the same quantization + the Gluon GEMM that overlaps each
+  block's rescale with the next block's MMA (kernels/int8_gemm_sm90.py);
+* ``gemm_sm90`` that GEMM alone on pre-quantized activations (where the time goes);
 * ``w8a16``     ours weight-only (GEMV for M <= 4, tensor-core W8A16 above);
+* ``gemv_fixup`` M=1: the GEMV with its K slices summed in the same launch (experimental);
 * ``ours``      what ``F.linear`` on our QuantizedTensor dispatches to.
 
 Also printed: TFLOP/s (TOP/s), the floor of each from peaks measured in this run (bytes /
@@ -45,6 +47,7 @@ from comfy_kitchen.tensor import QuantizedTensor  # noqa: E402
 from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a16_matmul  # noqa: E402
 from comfy_lowbit.kernels.int8_gemv import w8a16_gemv  # noqa: E402
 from comfy_lowbit.kernels.int8_quant import quantize_rows  # noqa: E402
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
 from comfy_lowbit.layouts.int8_lodewise import W8A16_MAX_M  # noqa: E402
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
@@ -131,22 +134,42 @@ def make_methods(w, bias):
     def ours_copies(copies):
         return [ours.clone() for _ in range(copies)]
 
-    def w8a8(x, copies, exact=False):
-        return [lambda q_=q_: w8a8_matmul(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype,
-                                           exact_cvt=exact) for q_ in ours_copies(copies)]
+    def w8a8(x, copies):
+        return [lambda q_=q_: w8a8_matmul(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
+                for q_ in ours_copies(copies)]
+
+    def w8a8_sm90(x, copies):
+        from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+        return [lambda q_=q_: w8a8_matmul_sm90(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
+                for q_ in ours_copies(copies)]
+
+    def gemm_sm90(x, copies):
+        from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+        a_q, a_scale_t = quantize_rows(x, BLOCK)
+        return [lambda q_=q_: w8a8_matmul_sm90(a_q, a_scale_t, q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
+                for q_ in ours_copies(copies)]
 
     def w8a16(x, copies):
         if x.shape[0] == 1:
             return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias) for q_ in ours_copies(copies)]
         return [lambda q_=q_: w8a16_matmul(x, q_._qdata, q_._params.scale, BLOCK, bias) for q_ in ours_copies(copies)]
 
+    def gemv_fixup(x, copies):  # M=1 only: split-K summed inside the GEMV launch (experimental)
+        if x.shape[0] != 1:
+            raise ValueError("the single-launch split-K GEMV serves M=1")
+        return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias, fixup=True)
+                for q_ in ours_copies(copies)]
+
     def dispatched(x, copies):
         return [lambda q_=q_: F.linear(x, q_, bias) for q_ in ours_copies(copies)]
 
     int8_bytes = lambda m: 2 * m * k + n * k + 4 * n * (k // BLOCK) + 2 * m * n  # noqa: E731
     methods["w8a8"] = (w8a8, int8_bytes, "int8")
-    methods["w8a8_exact"] = (lambda x, c: w8a8(x, c, exact=True), int8_bytes, "int8")
+    if hopper_with_gluon(w.device):
+        methods["w8a8_sm90"] = (w8a8_sm90, int8_bytes, "int8")
+        methods["gemm_sm90"] = (gemm_sm90, int8_bytes, "int8")
     methods["w8a16"] = (w8a16, int8_bytes, "w8a16")
+    methods["gemv_fixup"] = (gemv_fixup, int8_bytes, "w8a16")
     methods["ours"] = (dispatched, int8_bytes, "int8")
     return methods
 
@@ -228,6 +251,20 @@ def run_variants(shapes, m: int, dev) -> None:
                 print(f"{k:>6} {n:>6} {label:<32} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)
             except Exception as exc:
                 print(f"{k:>6} {n:>6} {label:<32} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        if hopper_with_gluon(w.device):
+            from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+            for block, stages, producer in [(b, s, p) for b in (64, 128) for s in (3, 4, 5) for p in (False, True)]:
+                a_q, a_s = quantize_rows(x, block)
+                w_s = (torch.rand(k // block, n, device=dev) + 0.5).t()
+                label = f"sm90 128x128 w8 s{stages} B{block}{' +producer warp' if producer else ''}"
+                try:
+                    fn = lambda: w8a8_matmul_sm90(a_q, a_s, w, w_s, block, None, torch.bfloat16, stages=stages,  # noqa: E731
+                                                  producer_warp=producer)
+                    fn()
+                    us = bench(fn)
+                    print(f"{k:>6} {n:>6} {label:<32} {us:8.1f} {2 * m * n * k / us / 1e6:7.0f}", flush=True)
+                except Exception as exc:
+                    print(f"{k:>6} {n:>6} {label:<32} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
         a_q, _ = quantize_rows(x, 128)
         sa, sw = torch.rand(m, device=dev), torch.rand(n, device=dev)
         out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
@@ -297,7 +334,7 @@ def main() -> int:
             x_err[:, torch.randperm(k, generator=gen_x)[: k // frac]] *= scale
             x_err = x_err.to(dev, torch.bfloat16)
             ref = x_err.double() @ w.double().t() + bias.double()
-            for name in ("bf16", "ck_w8a8", "w8a8", "w8a16"):
+            for name in ("bf16", "ck_w8a8", "w8a8", "w8a8_sm90", "w8a16"):
                 if name in methods:
                     errors.append((k, n, pattern, name, relative_error(methods[name][0](x_err, 1)[0](), ref)))
         for m in batches:
@@ -334,7 +371,8 @@ def main() -> int:
             print(f"# tuned {label} {key}: {config}")
 
     print("\n# summary: speed-up vs bf16 (bf16 time / method time); targets: M>=1024 >= 1.3 (w8a8 incl. quant), M=1 >= 1.7")
-    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_exact", "w8a16", "ours") if nm not in skip]
+    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_sm90", "gemm_sm90", "w8a16", "gemv_fixup", "ours")
+             if nm not in skip]
     print(f"{'K':>6} {'N':>6} {'M':>6} {'bf16_us':>8} " + " ".join(f"{nm:>10}" for nm in names))
     table = {(k, n, m, nm): us for k, n, m, nm, us in rows}
     for k, n in shapes:

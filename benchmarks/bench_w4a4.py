@@ -12,13 +12,24 @@ Accuracy: relative Frobenius error vs float64 on activations with outlier channe
 from a separate calibration batch, beside bitsandbytes NF4 (weight-only) and comfy-kitchen
 running our calibrated weights.
 
-Usage: python benchmarks/bench_w4a4.py [--quick] [--variants]
+Usage: python benchmarks/bench_w4a4.py [--quick] [--variants] [--shapes 3072x12288,...] [--batches 1,16,...]
+       python benchmarks/bench_w4a4.py --small-m [--shapes ...]   (only the M <= 16 section)
+       python benchmarks/bench_w4a4.py --quant [--shapes ...] [--batches ...]   (quantizer variants)
+
+``--small-m``: the M <= 16 plans in CUDA graphs (what a sampler loop replays), on rotating
+copies of the weights (> 120 MB per replay, so no copy is still in L2): bf16 F.linear, our
+default plan (quantizer + split-K GEMM + memset + cast), and the dp4a GEMV plan
+(``COMFY_LOWBIT_EXPERIMENTAL=1``: quantizer + one GEMV), with the GEMV's parts timed alone
+and a sweep of its tiles at M=1.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
+import math
+import os
 import platform
 import sys
 
@@ -32,6 +43,8 @@ from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
 
 import comfy_lowbit  # noqa: F401  (registers W4A4Layout)
 from comfy_lowbit.kernels import w4a4_gemm as gemm_mod
+from comfy_lowbit.kernels import w4a4_gemv as gemv_mod
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon
 from comfy_lowbit.kernels.w4a4_quantize import quantize_activations
 from comfy_lowbit.layouts import w4a4 as w4a4_layout
 
@@ -95,12 +108,138 @@ def nf4_error(w, x, ref):
     return f"{rel(F.linear(x, bnbf.dequantize_4bit(packed, state)), ref):.4f}"
 
 
+def graph_us(fns):
+    """Median us per call of ``fns`` replayed in one CUDA graph, in turn (rotating copies)."""
+    return do_bench_cudagraph(lambda: [f() for f in fns], rep=100, return_mode="median") * 1e3 / len(fns)
+
+
+def copies_for(nbytes, total=120e6):
+    return max(2, math.ceil(total / nbytes))
+
+
+def clone_weight(qt):
+    p = qt._params
+    fields = {name: getattr(p, name).clone() for name in ("scale", "proj_down", "proj_up", "smooth_factor")}
+    return QuantizedTensor(qt._qdata.clone(), "W4A4Layout", dataclasses.replace(p, **fields))
+
+
+def small_m_section(shapes, batches):
+    """bf16 vs our default plan vs the dp4a GEMV plan at M <= 16, CUDA graphs, rotating weights."""
+    print("\n## Small M in CUDA graphs (us per linear; weights rotated so none is in L2)")
+    print("| K | N | M | bf16 | ours default | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone | GEMV alone "
+          "| err GEMV vs default | eager bf16 / default / GEMV plan |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    switch = os.environ.get("COMFY_LOWBIT_EXPERIMENTAL")
+    for k, n in shapes:
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
+        ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        qts = [qt] + [clone_weight(qt) for _ in range(copies_for(n * k // 2) - 1)]
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            with torch.inference_mode():
+                t_bf16 = graph_us([lambda w=w: F.linear(x, w, bias) for w in ws])
+                os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
+                ref = F.linear(x, qt, bias).float()
+                t_def = graph_us([lambda q=q: F.linear(x, q, bias) for q in qts])
+                t_gemv = t_nopdl = err = t_q = t_k = e_gemv = float("nan")
+                e_bf16, e_def = median_us(lambda: F.linear(x, w, bias)), median_us(lambda: F.linear(x, qt, bias))
+                if m <= gemv_mod.MAX_ROWS:
+                    os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "1"
+                    err = rel(F.linear(x, qt, bias), ref.double())
+                    e_gemv = median_us(lambda: F.linear(x, qt, bias))
+                    t_gemv = guarded(lambda: graph_us([lambda q=q: F.linear(x, q, bias) for q in qts]))
+                    t_nopdl = guarded(lambda: graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype,
+                                                                                             pdl=False) for q in qts]))
+                    p = qt._params
+                    chunks = gemv_mod.lora_chunks(m, k)
+                    q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)
+                    t_q = graph_us([lambda: quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)])
+                    t_k = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2],
+                                                                     q2._params.proj_up, bias, x.dtype) for q2 in qts])
+                os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
+            print(f"| {k} | {n} | {m} | {t_bf16:.1f} | {t_def:.1f} | {t_gemv:.1f} | {t_bf16 / t_gemv:.2f}x | {t_nopdl:.1f} | "
+                  f"{t_q:.1f} | {t_k:.1f} | {err:.1e} | {e_bf16:.1f} / {e_def:.1f} / {e_gemv:.1f} |", flush=True)
+        # Tile sweep of the GEMV alone (bytes: packed weight + scales; floor at 3.0 TB/s).
+        floor = (n * k // 2 + (k // 64) * n * 2 + n * RANK * 2) / 3.0e12 * 1e6
+        p = qt._params
+        for m, tiles in GEMV_TILES.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q = quantize_activations(x, p.smooth_factor, p.proj_down, chunks=gemv_mod.lora_chunks(m, k))
+            for bn, groups, warps in tiles:
+                cfg = {"BLOCK_N": bn, "GROUPS": groups, "num_warps": warps}
+                t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
+                                                               bias, x.dtype, config=dict(cfg)) for q2 in qts])
+                print(f"GEMV tile K={k} N={n} M={m} {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
+    if switch is None:
+        os.environ.pop("COMFY_LOWBIT_EXPERIMENTAL")
+    else:
+        os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = switch
+
+
+# (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles
+# that break the kernel's layout rule still run (slower: shared memory in the loop).
+GEMV_TILES = {
+    1: ((16, 4, 4), (8, 8, 4), (16, 4, 2), (8, 4, 2), (4, 8, 1), (32, 2, 4)),
+    8: ((64, 1, 4), (32, 1, 4), (32, 1, 2), (128, 1, 8), (16, 1, 1)),
+}
+
+
+QUANT_VARIANTS = [
+    {},  # v3 default
+    {"FAST_DIV": True},
+    {"FAST_DIV": True, "BLOCK_M": 32},
+    {"FAST_DIV": True, "STEP_GROUPS": 2},
+    {"FAST_DIV": True, "BLOCK_M": 32, "STEP_GROUPS": 2, "num_warps": 8},
+    {"FAST_DIV": True, "BLOCK_M": 64},
+    {"FAST_DIV": True, "programs": 2048},
+    {"FAST_DIV": True, "BLOCK_M": 32, "programs": 512},
+    {"FAST_DIV": True, "num_stages": 4},
+]
+
+
+def quant_section(ks, batches):
+    """Activation-quantizer variants (kernels/w4a4_quantize.py ``config``) in CUDA graphs (no
+    launch overhead in the figure): time, bandwidth, floor, codes changed vs the default."""
+    print("\n## Activation quantizer variants (CUDA graphs; bytes = x + codes + scales + low-rank partials)")
+    for k in ks:
+        smooth = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+        down = (torch.randn(k, RANK, device="cuda") / 8).to(torch.bfloat16)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xs = [x] + [x.clone() for _ in range(copies_for(x.numel() * 2) - 1)]  # none left in L2
+            base = quantize_activations(x, smooth, down, codes_dtype=torch.float8_e4m3fn)
+            for cfg in QUANT_VARIANTS:
+                try:
+                    q = quantize_activations(x, smooth, down, codes_dtype=torch.float8_e4m3fn, config=cfg)
+                    t = graph_us([lambda xi=xi: quantize_activations(xi, smooth, down, codes_dtype=torch.float8_e4m3fn, config=cfg)
+                                  for xi in xs])
+                except Exception as exc:  # noqa: BLE001 - a variant may not compile or fit
+                    print(f"quant K={k} M={m} {cfg}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                    continue
+                nbytes = m * k * 2 + m * k + (k // 64) * m * 4 + q[2].numel() * 4
+                changed = (q[0].float() != base[0].float()).float().mean().item()
+                print(f"quant K={k} M={m} {cfg or 'v3 default'}: {t:7.1f} us  {nbytes / t / 1e3:6.0f} GB/s  "
+                      f"floor {nbytes / 3.0e12 * 1e6:5.1f} us  codes changed vs default {changed:.1e}", flush=True)
+
+
+def parse_shapes(text):
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape, fewer batches")
     ap.add_argument("--variants", action="store_true", help="also time fixed GEMM configs and the I2F conversion")
+    ap.add_argument("--shapes", type=parse_shapes, help="KxN list, e.g. 3072x12288,12288x3072")
+    ap.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",")], help="M list, e.g. 1,4096")
+    ap.add_argument("--small-m", action="store_true", help="only the M <= 16 CUDA-graph section (GEMV plan vs default)")
+    ap.add_argument("--quant", action="store_true", help="only the activation-quantizer variants (K of --shapes, M of --batches)")
     args = ap.parse_args()
     shapes, batches = (SHAPES[1:2], [1, 4096]) if args.quick else (SHAPES, BATCHES)
+    shapes = args.shapes or shapes
+    batches = args.batches or batches
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     from comfy_kitchen.backends import cuda as ck_cuda
@@ -109,6 +248,12 @@ def main():
     print(f"# python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')} (CUDA ext: {ck_ok})")
     fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    if args.small_m:
+        small_m_section(shapes, args.batches or [1, 2, 4, 8, 16])
+        return 0
+    if args.quant:
+        quant_section(sorted({k for k, _ in (args.shapes or SHAPES)}), args.batches or [4096, 16384])
+        return 0
     bw, bf16_peak, int8_peak = ceilings()
     print(f"# ceilings: copy {bw / 1e12:.2f} TB/s, bf16 mm {bf16_peak / 1e12:.0f} TFLOP/s, int8 _int_mm {int8_peak / 1e12:.0f} TOP/s")
 
@@ -164,6 +309,19 @@ def main():
             floor_ours = max((w_bytes + io_bytes) / bw, flops / int8_peak) * 1e6
             floor_bf16 = max((n * k * 2 + io_bytes) / bw, flops / bf16_peak) * 1e6
             rows.append((k, n, m, t_bf16, floor_bf16, t_ck, t_ours, t_q, t_g, floor_ours, g_bf16, g_ours, t_u))
+            if w8 is not None and dot == "fp8" and hopper_with_gluon(x.device):  # the Hopper GEMM, opt-in
+                from comfy_lowbit.kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+                with torch.inference_mode():
+                    err90 = rel(w4a4_gemm_sm90(codes, ascales, w8, p.scale, lora, p.proj_up, bias, torch.float32),
+                                gemm_mod.w4a4_gemm(codes, ascales, ours._qdata, p.scale, lora, p.proj_up, bias,
+                                                   torch.float32, dot=dot, unpacked=w8).double())
+                    for producer in (False, True):
+                        t90 = median_us(lambda: w4a4_gemm_sm90(codes, ascales, w8, p.scale, lora, p.proj_up, bias, x.dtype,
+                                                               producer_warp=producer))
+                        total = t_q + t_u + t90
+                        print(f"K={k:5d} N={n:5d} M={m:5d}  sm90 gemm{' +producer warp' if producer else ''} {t90:8.1f} "
+                              f"({flops / t90 / 1e6:6.0f} TOP/s, vs portable {err90:.1e})  quant+unpack+sm90 {total:8.1f}  "
+                              f"{t_bf16 / total:5.2f}x bf16  {t_ck / total:6.1f}x ck", flush=True)
             print(f"K={k:5d} N={n:5d} M={m:5d}  bf16 {t_bf16:8.1f}  ck {t_ck:9.1f}  ours {t_ours:8.1f} "
                   f"(quant {t_q:6.1f} + unpack {t_u:5.1f} + gemm {t_g:7.1f})  floor {floor_ours:7.1f}  "
                   f"{t_bf16 / t_ours:5.2f}x bf16  {t_ck / t_ours:6.1f}x ck"

@@ -16,9 +16,11 @@ quantization block B (64 by default):
 Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 ``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
 
-Four paths; ``choose_path`` picks by the number of rows M of x, from the H100 measurements
-in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for M >= 2; with
-COMFY_LOWBIT_EXPERIMENTAL=1, gemv_lut for M <= 8):
+Four portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
+measurements in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for
+M >= 2; with COMFY_LOWBIT_EXPERIMENTAL=1, gemv_lut for M <= 8). On Hopper, with
+``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
+(``kernels/bnb4_gemm_sm90.py``: decode in the main loop overlapped with async wgmma):
 
 * ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading
   each packed byte once; x is read as element pairs so its tile indexes like the byte tile;
@@ -55,6 +57,7 @@ import triton.language as tl
 
 from . import bnb4_codec, bnb4_lut
 from .bnb4_lut import lane_ids, lut_decode
+from .experimental import experimental_kernels_enabled
 from .tiling import grouped_tile_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -548,18 +551,12 @@ def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 1024)
 
 
-def experimental() -> bool:
-    """COMFY_LOWBIT_EXPERIMENTAL=1 (read at call time) opts into kernels that have not yet been
-    measured on a GPU (the v5 register-LUT GEMV, see benchmarks/NOTES.md)."""
-    return os.environ.get("COMFY_LOWBIT_EXPERIMENTAL", "0") == "1"
-
-
 def choose_path(m: int) -> str:
     """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
     GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3).
     The v5 GEMV (``gemv_lut``, up to GEMV_LUT_MAX_M) is used only when opted into
     (``experimental``)."""
-    if experimental() and m <= GEMV_LUT_MAX_M:
+    if experimental_kernels_enabled() and m <= GEMV_LUT_MAX_M:
         return "gemv_lut"
     return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
 
@@ -574,7 +571,8 @@ def bnb4_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for x of shape (..., K) in fp16/bf16/fp32; output in x's dtype.
 
-    ``path`` forces one of ``gemv``/``gemv_lut``/``fused``/``dequant_cublas`` (benchmarks, tests); ``out``
+    ``path`` forces one of ``gemv``/``gemv_lut``/``fused``/``fused_sm90``/``dequant_cublas``
+    (benchmarks, tests); ``out``
     (contiguous, (M, N) with M the rows of x) lets tests hand in a poisoned buffer.
     """
     check_inputs(x, w, bias)
@@ -591,6 +589,11 @@ def bnb4_linear(
             _fail("out", f"contiguous {(m, n)} {x.dtype}", f"{tuple(out.shape)} {out.dtype} {out.stride()}")
     if m == 0:
         return out.reshape(*lead, n)
+    if path is None and _sm90_path(x2, w) == "fused_sm90":
+        from .sm90 import run_sm90
+
+        if run_sm90("NF4/FP4 fused GEMM", _launch_sm90, x2, w, bias, out) is not None:
+            return out.reshape(*lead, n)
     path = path or choose_path(m)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
@@ -598,6 +601,8 @@ def bnb4_linear(
         _launch_gemv_lut(x2, w, bias, out)
     elif path == "fused":
         _launch_matmul(x2, w, bias, out)
+    elif path == "fused_sm90":
+        _launch_sm90(x2, w, bias, out)
     elif path == "dequant_cublas":
         weight = dequantize(w, x.dtype, scratch=True)
         if bias is None:
@@ -605,11 +610,46 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused' or 'dequant_cublas', got {path!r}")
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused', 'fused_sm90' or "
+                         f"'dequant_cublas', got {path!r}")
     return out.reshape(*lead, n)
 
 
 _X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
+
+
+# The Hopper fused GEMM (kernels/bnb4_gemm_sm90.py, opt-in until measured): where it has at
+# least this many 256 x 128 output tiles, about two waves on a 132-SM H100, so that no SMs idle.
+SM90_MIN_TILES = 256
+
+
+def _sm90_path(x2: torch.Tensor, w: Bnb4Weight) -> str | None:
+    """``"fused_sm90"`` where the Hopper kernel is enabled and takes these operands, else None."""
+    from .sm90 import sm90_kernels_enabled
+
+    m, (n, k) = x2.shape[0], w.shape
+    if m < 512 or not sm90_kernels_enabled(x2.device):
+        return None
+    try:
+        from . import bnb4_gemm_sm90
+    except (ImportError, AttributeError):  # a Gluon whose API this kernel does not match
+        return None
+    tiles = triton.cdiv(m, bnb4_gemm_sm90.BLOCK_M) * triton.cdiv(n, bnb4_gemm_sm90.BLOCK_N)
+    if tiles < SM90_MIN_TILES or not bnb4_gemm_sm90.accepts(x2, w.packed, k, w.block_size):
+        return None
+    return "fused_sm90"
+
+
+def _launch_sm90(x2, w: Bnb4Weight, bias, out) -> torch.Tensor:
+    from . import bnb4_gemm_sm90
+
+    n, k = w.shape
+    if not bnb4_gemm_sm90.accepts(x2, w.packed, k, w.block_size):
+        _fail("fused_sm90 operands", "bf16/fp16 x with 16-byte aligned rows, K and block multiples of 64",
+              f"{x2.dtype} strides {x2.stride()}, K={k}, block {w.block_size}")
+    code, _, dyn = _constants(w.quant_type, x2.device)
+    return bnb4_gemm_sm90.w4a16_matmul_sm90(x2, w.packed, code, *_absmax_args(w, dyn), w.shape, w.block_size,
+                                             w.double_quant, bias, out)
 
 
 def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:

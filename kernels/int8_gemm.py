@@ -268,6 +268,19 @@ def _check_weight(w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int) -> 
     return n, k
 
 
+def check_w8a8_operands(
+    a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int
+) -> tuple[int, int, int]:
+    """``(M, N, K)`` of valid W8A8 operands (see the module doc), or a ValueError saying what is wrong."""
+    n, k = _check_weight(w_q, w_scale, block_size)
+    if a_q.dtype != torch.int8 or a_q.dim() != 2 or a_q.shape[1] != k or a_q.stride(1) != 1:
+        raise ValueError(f"activation must be int8 (M, {k}) with unit stride along K, got {a_q.dtype} {tuple(a_q.shape)}")
+    m = a_q.shape[0]
+    if tuple(a_scale_t.shape) != (k // block_size, m) or not a_scale_t.is_contiguous():
+        raise ValueError(f"activation scale must be contiguous fp32 {(k // block_size, m)}, got {tuple(a_scale_t.shape)}")
+    return m, n, k
+
+
 def _output(m: int, n: int, out_dtype: torch.dtype, device) -> torch.Tensor:
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"output dtype must be one of {OUT_DTYPES}, got {out_dtype}")
@@ -294,12 +307,7 @@ def w8a8_matmul(
 
     ``config`` (BLOCK_M/BLOCK_N/GROUP_M[/num_warps/num_stages]) skips autotuning.
     """
-    n, k = _check_weight(w_q, w_scale, block_size)
-    if a_q.dtype != torch.int8 or a_q.dim() != 2 or a_q.shape[1] != k or a_q.stride(1) != 1:
-        raise ValueError(f"activation must be int8 (M, {k}) with unit stride along K, got {a_q.dtype} {tuple(a_q.shape)}")
-    m = a_q.shape[0]
-    if tuple(a_scale_t.shape) != (k // block_size, m) or not a_scale_t.is_contiguous():
-        raise ValueError(f"activation scale must be contiguous fp32 {(k // block_size, m)}, got {tuple(a_scale_t.shape)}")
+    m, n, k = check_w8a8_operands(a_q, a_scale_t, w_q, w_scale, block_size)
     out = _output(m, n, out_dtype, a_q.device)
     if m == 0:
         return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .experimental import experimental_kernels_enabled
 from .int8_gemm import INTERPRETING, OUT_DTYPES, autotuning, int8_to_float, w8a16_reference
 
 w8a16_gemv_reference = w8a16_reference
@@ -31,10 +32,16 @@ def _gemv_kernel(
     N, K, stride_wn, stride_wsn, stride_wsk,
     HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
+    part_ptr=None, count_ptr=None, FIXUP: tl.constexpr = False,
 ):
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) over the s-th of SPLIT slices of the K
-    blocks. SPLIT == 1 writes the output; otherwise fp32 partials (SPLIT, N) for
-    ``_split_k_sum``, so that a narrow N still gives every SM several programs."""
+    blocks. SPLIT == 1 writes the output; otherwise fp32 partials (SPLIT, N), so that a narrow
+    N still gives every SM several programs. The partials are summed by ``_split_k_sum`` (a
+    second launch), or with FIXUP by whichever program of row tile i finishes last: each
+    program stores its partial, then counts itself in ``count_ptr[i]`` (acquire-release); the
+    one that sees SPLIT - 1 earlier arrivals sums the SPLIT partials (read past L1, which is
+    not coherent across SMs), writes the output and sets the counter back to 0 for the next
+    call (so the counters are zeroed once, when allocated, and graph replays stay correct)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,6 +67,17 @@ def _gemv_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + wn).to(tl.float32)
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    elif FIXUP:
+        tl.store(part_ptr + split * N + offs_n, acc, mask=offs_n < N)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            parts = tl.load(part_ptr + tl.arange(0, SPLIT)[:, None] * N + offs_n[None, :],
+                            mask=(offs_n < N)[None, :], other=0.0, cache_modifier=".cg")
+            total = tl.sum(parts, axis=0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + wn).to(tl.float32)
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+            tl.atomic_xchg(count_ptr + pid, 0)
     else:
         tl.store(out_ptr + split * N + offs_n, acc, mask=offs_n < N)
 
@@ -104,14 +122,32 @@ else:
 PLAIN_GEMV = {"BLOCK_N": 8, "STEP_BLOCKS": 2}
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def fixup_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Arrival counters for FIXUP, zeroed once and kept (the kernel leaves them at zero), one
+    set per device and stream so that GEMVs on two streams never share one."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
+
+
 def w8a16_gemv(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, *, config: dict | None = None, split: int | None = None,
+    fixup: bool | None = None,
 ) -> torch.Tensor:
     """``x @ (w_q * w_scale).T + bias`` for one row ``x`` (1, K); output (1, N) in x's dtype.
 
-    ``split`` K slices (default ``split_for``: more for narrow N) are summed by a second,
-    tiny kernel in fp32.
+    ``split`` K slices (default ``split_for``: more for narrow N) are summed in fp32 by a
+    second, tiny kernel, or with ``fixup`` inside the same launch by the last program of each
+    row tile (default: only with ``COMFY_LOWBIT_EXPERIMENTAL=1``, until measured; it saves the
+    second launch, which costs about as much as the narrow GEMV itself).
     """
     n, k = w_q.shape
     if x.dim() != 2 or x.shape != (1, k) or x.stride(1) != 1:
@@ -126,9 +162,14 @@ def w8a16_gemv(
     split = split_for(n, k // block_size) if split is None else split
     if split < 1 or split & (split - 1):
         raise ValueError(f"split must be a power of two, got {split}")
-    target = out if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
+    fixup = split > 1 and (experimental_kernels_enabled() if fixup is None else fixup)
+    partials = None if split == 1 else torch.empty((split, n), dtype=torch.float32, device=x.device)
+    target = partials if split > 1 and not fixup else out
     args = (x, w_q, w_scale, bias if bias is not None else out, target, n, k, w_q.stride(0), *w_scale.stride())
     kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, SPLIT=split)
+    if fixup:  # enough counters for the narrowest row tile any configuration uses
+        smallest = min(min(t[0] for t in GEMV_TILES), PLAIN_GEMV["BLOCK_N"], (config or {}).get("BLOCK_N", 1 << 30))
+        kwargs.update(part_ptr=partials, count_ptr=fixup_counters(x.device, triton.cdiv(n, smallest)), FIXUP=True)
     if config is None and autotuning():
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs)
     else:
@@ -137,7 +178,7 @@ def w8a16_gemv(
         meta = dict(config)
         extra = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
         _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs, **meta, **extra)
-    if split > 1:
+    if split > 1 and not fixup:
         _split_k_sum[(triton.cdiv(n, 256),)](target, bias if bias is not None else out, out, n,
                                              HAS_BIAS=bias is not None, SPLIT=split, BLOCK=256)
     return out

@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 GROUP = 64
 GELU_UNSIGNED_SHIFT = 0.171875
@@ -76,8 +77,22 @@ def quantize_activations_reference(
 
 
 @triton.jit
+def _div(a, b, FAST: tl.constexpr):
+    """a / b. FAST: PTX ``div.approx.f32`` (MUFU.RCP + FMUL, 2 ulp), what Triton's ``/``
+    already gives on the GPU (``div.full.f32``, 2 ulp) minus its range fix-ups (4 more
+    instructions per division), which only matter for |b| > 2**126; the interpreter divides
+    exactly."""
+    if FAST:
+        q = tl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        q = a / b
+    return q
+
+
+@triton.jit
 def _quantize_half(xs, ascale, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    v = xs / ascale[:, None]
+    v = xs / ascale[:, None]  # ptxas computes 1/ascale once per row and multiplies
     v = (v + ROUND_MAGIC) - ROUND_MAGIC
     return tl.minimum(tl.maximum(v, QMIN), QMAX)
 
@@ -89,9 +104,16 @@ def w4a4_quantize_kernel(
     stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     UNSIGNED: tl.constexpr, IEEE_DOT: tl.constexpr,
+    STEP_GROUPS: tl.constexpr = 1, FAST_DIV: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
-    # Program (i, c): rows i*BLOCK_M.., groups of chunk c. Each chunk writes its own partial
-    # low-rank sum lora[c]; the GEMM epilogue adds the chunks (no atomics, no memset).
+    # Program (i, c): rows i*BLOCK_M.., groups of chunk c, STEP_GROUPS groups per iteration
+    # (unrolled: fewer loop iterations and more independent loads per thread). Each chunk
+    # writes its own partial low-rank sum lora[c]; the GEMM epilogue adds the chunks (no
+    # atomics, no memset).
+    if LAUNCH_DEPENDENTS:
+        # Let a kernel launched after this one with programmatic dependent launch (the small-M
+        # GEMV) start now; it waits for this grid's results itself (griddepcontrol.wait).
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
     row_ok = rows[:, None] < M
@@ -104,33 +126,55 @@ def w4a4_quantize_kernel(
     code_rows = codes_ptr + rows[:, None].to(tl.int64) * K
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     first = chunk * GROUPS_PER_CHUNK
-    for g in range(first, tl.minimum(first + GROUPS_PER_CHUNK, num_groups)):
-        x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok, other=0.0)
-        # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
-        down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :], other=0.0)
-        if IEEE_DOT:
-            lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
-        else:
-            lora = tl.dot(x, down.to(x.dtype), lora)
-        xs = x.to(tl.float32)
-        if UNSIGNED:
-            xs = xs + _SHIFT
-        xs = xs / tl.load(smooth_ptr + g * 64 + cols).to(tl.float32)[None, :]
-        absmax = tl.max(tl.abs(xs), axis=1)
-        # Even and odd columns apart: (BLOCK_M, 64) -> two (BLOCK_M, 32), within each thread.
-        x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, 32, 2)))
-        if UNSIGNED:
-            ascale = tl.maximum(absmax, 1e-10) / 15.0
-            q_even = _quantize_half(x_even, ascale, 0.0, 15.0)
-            q_odd = _quantize_half(x_odd, ascale, 0.0, 15.0)
-        else:
-            ascale = tl.maximum(absmax, 1e-10) / 7.0
-            q_even = _quantize_half(x_even, ascale, -7.0, 7.0)
-            q_odd = _quantize_half(x_odd, ascale, -7.0, 7.0)
-        code_ty = codes_ptr.dtype.element_ty  # int8, or e4m3 for the fp8 GEMM (exact for -7..15)
-        tl.store(code_rows + g * 64 + half[None, :], q_even.to(code_ty), mask=row_ok)
-        tl.store(code_rows + g * 64 + 32 + half[None, :], q_odd.to(code_ty), mask=row_ok)
-        tl.store(ascales_ptr + g * M + rows, ascale, mask=rows < M)
+    last = tl.minimum(first + GROUPS_PER_CHUNK, num_groups)
+    for g0 in range(first, last, STEP_GROUPS):
+        for s in tl.static_range(STEP_GROUPS):
+            g = g0 + s
+            # The launcher makes chunks multiples of STEP_GROUPS; K may not be (as vectors:
+            # the interpreter refuses scalar masks). One group per step never runs past the
+            # end: constant masks there keep v3's loop (19 fewer instructions per group).
+            if STEP_GROUPS == 1:
+                ok = cols < 64
+                half_ok = half < 32
+                row_scale_ok = rows < M
+            else:
+                ok = (cols * 0 + g) < last
+                half_ok = (half * 0 + g) < last
+                row_scale_ok = (rows < M) & ((rows * 0 + g) < last)
+            x = tl.load(x_rows + g * 64 + cols[None, :], mask=row_ok & ok[None, :], other=0.0)
+            # Low-rank branch on the raw input; bf16/fp16 products are exact in the fp32 accumulator.
+            down = tl.load(down_ptr + (g * 64 + cols[:, None]) * R + ranks[None, :], mask=rank_ok[None, :] & ok[:, None], other=0.0)
+            if IEEE_DOT:
+                lora = tl.dot(x.to(tl.float32), down.to(tl.float32), lora, input_precision="ieee")
+            else:
+                lora = tl.dot(x, down.to(x.dtype), lora)
+            xs = x.to(tl.float32)
+            if UNSIGNED:
+                xs = xs + _SHIFT
+            smooth = tl.load(smooth_ptr + g * 64 + cols, mask=ok, other=1.0).to(tl.float32)
+            if FAST_DIV:
+                # PTX div.approx.f32 (MUFU.RCP + FMUL, 2 ulp): what Triton's ``/`` gives on the
+                # GPU already (div.full.f32, 2 ulp) without its range fix-ups (4 more
+                # instructions per element), needed only for divisors above 2**126.
+                xs = tl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=r,r,r", [xs, smooth[None, :]],
+                                               dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                xs = xs / smooth[None, :]
+            absmax = tl.max(tl.abs(xs), axis=1)
+            # Even and odd columns apart: (BLOCK_M, 64) -> two (BLOCK_M, 32), within each thread.
+            x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, 32, 2)))
+            if UNSIGNED:
+                ascale = tl.maximum(absmax, 1e-10) / 15.0
+                q_even = _quantize_half(x_even, ascale, 0.0, 15.0)
+                q_odd = _quantize_half(x_odd, ascale, 0.0, 15.0)
+            else:
+                ascale = tl.maximum(absmax, 1e-10) / 7.0
+                q_even = _quantize_half(x_even, ascale, -7.0, 7.0)
+                q_odd = _quantize_half(x_odd, ascale, -7.0, 7.0)
+            code_ty = codes_ptr.dtype.element_ty  # int8, or e4m3 for the fp8 GEMM (exact for -7..15)
+            tl.store(code_rows + g * 64 + half[None, :], q_even.to(code_ty), mask=row_ok & half_ok[None, :])
+            tl.store(code_rows + g * 64 + 32 + half[None, :], q_odd.to(code_ty), mask=row_ok & half_ok[None, :])
+            tl.store(ascales_ptr + g * M + rows, ascale, mask=row_scale_ok)
     lora_out = lora_ptr + chunk * M * R + rows[:, None].to(tl.int64) * R + ranks[None, :]
     tl.store(lora_out, lora, mask=row_ok & rank_ok[None, :])
 
@@ -140,17 +184,26 @@ def w4a4_quantize_kernel(
 _TARGET_PROGRAMS = 1024
 
 
+def default_config(m: int) -> dict:
+    """v3, measured on the H100: 16-row tiles (32 above 4096 rows), one group per step."""
+    return {"BLOCK_M": 16 if m <= 4096 else 32, "STEP_GROUPS": 1, "FAST_DIV": False, "num_warps": 4,
+            "num_stages": 3, "programs": _TARGET_PROGRAMS, "launch_dependents": False}
+
+
 def quantize_activations(
     x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, act_unsigned: bool = False,
     *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, chunks: int | None = None,
-    codes_dtype: torch.dtype = torch.int8,
+    codes_dtype: torch.dtype = torch.int8, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher: codes (M, K) int8 in split group order, ascales (K/64, M) fp32 and the
     low-rank activations as C partial sums (C, M, R) fp32 (their sum is x @ proj_down).
 
     ``codes_dtype`` is int8 or torch.float8_e4m3fn (for the fp8 GEMM). ``chunks`` fixes C
     (default: enough programs to fill the GPU); ``out`` supplies the three buffers (tests poison
-    them to catch unwritten elements)."""
+    them to catch unwritten elements). ``config`` overrides ``default_config`` keys (BLOCK_M,
+    STEP_GROUPS, FAST_DIV, num_warps, num_stages, programs: the benchmark's variants;
+    launch_dependents: let a following ``w4a4_gemv(pdl=True)`` start early); FAST_DIV and
+    launch_dependents are ignored under the interpreter (no inline PTX there)."""
     m, k = x.shape
     r = proj_down.shape[1]
     if k % GROUP:
@@ -162,11 +215,14 @@ def quantize_activations(
             f"W4A4 activations: x has K={k} but smooth_factor is {tuple(smooth.shape)} and "
             f"proj_down is {tuple(proj_down.shape)}; expected ({k},) and ({k}, R)"
         )
+    c = default_config(m)
+    c.update(config or {})
     groups = k // GROUP
-    block_m = 16 if m <= 4096 else 32
+    block_m, step = c["BLOCK_M"], c["STEP_GROUPS"]
     row_blocks = triton.cdiv(m, block_m)
-    wanted = chunks if chunks is not None else max(1, _TARGET_PROGRAMS // row_blocks)
+    wanted = chunks if chunks is not None else max(1, c["programs"] // row_blocks)
     per_chunk = triton.cdiv(groups, min(max(wanted, 1), groups))
+    per_chunk = triton.cdiv(per_chunk, step) * step  # whole steps per chunk
     chunks = triton.cdiv(groups, per_chunk)
     if out is None:
         out = (
@@ -180,6 +236,8 @@ def quantize_activations(
         m, k, r, per_chunk, x.stride(0),
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         UNSIGNED=act_unsigned, IEEE_DOT=x.dtype == torch.float32 or _interpreting(),
-        num_warps=4,
+        STEP_GROUPS=step, FAST_DIV=c["FAST_DIV"] and not _interpreting(),
+        LAUNCH_DEPENDENTS=c["launch_dependents"] and not _interpreting(),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return codes, ascales, lora

@@ -164,8 +164,30 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
             out = w8a16_matmul(x2, w_q, w_scale, block, bias)
         else:
             a_q, a_scale_t = quantize_rows(x2, block)
-            out = w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=x.dtype)
+            out = _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, x.dtype)
         return out.reshape(*x.shape[:-1], n)
+
+
+SM90_MIN_M = 512  # below, the Hopper kernel's fixed 128-row tiles would mostly multiply padding
+
+
+def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
+    """The Hopper kernel (rescales overlapped with the MMAs) where it applies, else the
+    portable one; both compute the same sums (kernels/int8_gemm*.py)."""
+    from ..kernels.sm90 import run_sm90, sm90_kernels_enabled
+
+    if a_q.shape[0] >= SM90_MIN_M and sm90_kernels_enabled(a_q.device):
+        def hopper():
+            from ..kernels import int8_gemm_sm90
+
+            if not int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
+                return None
+            return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype)
+
+        out = run_sm90("int8_lodewise W8A8", hopper)
+        if out is not None:
+            return out
+    return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------- checks

@@ -40,7 +40,10 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
+from ..kernels.experimental import experimental_kernels_enabled
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
+from ..kernels.w4a4_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
 from .base import LowBitLayout, format_error
 
@@ -255,15 +258,62 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            # The dp4a GEMV (one launch after the quantizer) is opt-in until measured on a GPU.
+            if x2d.shape[0] <= GEMV_MAX_ROWS and experimental_kernels_enabled():
+                return _gemv_linear(x2d, qweight, p, bias, x.dtype).reshape(*x.shape[:-1], n)
             dot = _dot_kind(x.device)
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
             unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
-            out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot, unpacked=unpacked)
+            out = None
+            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+                from ..kernels.sm90 import run_sm90
+
+                def hopper():
+                    from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+
+                    return w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype)
+
+                out = run_sm90("W4A4 GEMM", hopper)
+            if out is None:
+                out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
+                                unpacked=unpacked)
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
         return out.reshape(*x.shape[:-1], n)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params, bias: torch.Tensor | None,
+                 dtype: torch.dtype, pdl: bool | None = None) -> torch.Tensor:
+    """Small M: two launches, the quantizer (int8 codes, few low-rank partials) and the GEMV,
+    which with ``pdl`` (default: on sm_90+) starts fetching its weight while the quantizer runs."""
+    m, k = x2d.shape
+    pdl = _has_pdl(x2d.device) if pdl is None else pdl
+    codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned,
+                                                chunks=lora_chunks(m, k), codes_dtype=torch.int8,
+                                                config={"launch_dependents": pdl})
+    return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
+
+
+def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
+    """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs; opt-in with
+    ``COMFY_LOWBIT_EXPERIMENTAL=1`` until measured) serves this streaming-path call."""
+    from ..kernels.sm90 import sm90_kernels_enabled
+
+    if not sm90_kernels_enabled(codes.device):
+        return False
+    try:
+        from ..kernels.w4a4_gemm_sm90 import accepts
+    except (ImportError, AttributeError):  # a Gluon whose API this kernel does not match
+        return False
+    return accepts(codes, unpacked, proj_up)
 
 
 def w4a4_linear_reference(x2d: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:

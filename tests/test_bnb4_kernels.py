@@ -195,3 +195,62 @@ def test_quantize_midpoint_ties_bit_exact(quant_type):
     got = bnb4_quantize(x.to(KERNEL_DEVICE), BLOCK, quant_type)
     packed_ref, absmax_ref = bnb4_codec.quantize_4bit(x, BLOCK, quant_type)
     assert torch.equal(got[0].cpu(), packed_ref) and torch.equal(got[1].cpu(), absmax_ref)
+
+
+# ----------------------------------------------------------------------------- Hopper (Gluon)
+
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
+from sm90_support import assert_async_and_unspilled, compile_for_sm90, needs_gluon  # noqa: E402
+
+SM90 = KERNEL_DEVICE == "cuda" and hopper_with_gluon(torch.device(KERNEL_DEVICE))
+
+
+@needs_gluon
+@pytest.mark.parametrize("double_quant,dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_sm90_w4a16_compiles_for_hopper(double_quant, dtype):
+    """CI has no GPU: build the Gluon kernel for sm_90 from a launch's arguments and check
+    ptxas kept the wgmma asynchronous and spilled nothing."""
+    from comfy_lowbit.kernels import bnb4_gemm_sm90 as sm90
+
+    m, n, k, block = 300, 200, 1024, 64
+    x = torch.zeros(m, k, dtype=dtype)
+    packed = torch.zeros(n * k // 2, dtype=torch.uint8)
+    absmax = torch.zeros(n * k // block, dtype=torch.uint8 if double_quant else torch.float32)
+    out = torch.zeros(m, n, dtype=dtype)
+    x_desc, p_desc = sm90.descriptors(x, packed, n, k)
+    args = dict(x_desc=x_desc, p_desc=p_desc, code_ptr=torch.zeros(16), absmax_ptr=absmax, nested_ptr=torch.zeros(8),
+                offset_ptr=torch.zeros(1), dyn_ptr=torch.zeros(256), bias_ptr=out, out_ptr=out, M=m, N=n, K=k,
+                stride_om=n)
+    constexprs = dict(QBLOCK=block, DOUBLE_QUANT=double_quant, HAS_BIAS=True, STAGES=sm90.STAGES, GROUP_M=8,
+                      num_warps=sm90.NUM_WARPS)
+    ptx = compile_for_sm90(sm90._w4a16_sm90_kernel, args, constexprs, sm90.NUM_WARPS).asm["ptx"]
+    assert ptx.count("wgmma.mma_async") >= 8 and "wgmma.wait_group.sync.aligned 1" in ptx
+    assert_async_and_unspilled(ptx)
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m,n,k,block", [(300, 200, 1024, 64), (513, 136, 384, 128), (257, 37, 256, 256), (1, 128, 64, 64)])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False), ("nf4", False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm90_w4a16_matches_reference(m, n, k, block, quant_type, double_quant, dtype):
+    weight = make_weight(n, k, quant_type, double_quant, seed=m + n, block=block)
+    x = outlier_matrix(m, k, seed=m * 3 + k).to(KERNEL_DEVICE, dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(KERNEL_DEVICE, dtype) if m % 2 else None
+    check_linear(x, weight, bias, "fused_sm90", dtype)
+
+
+@needs_gluon
+def test_sm90_path_only_when_enabled_and_large(monkeypatch):
+    """The dispatch rule on the CPU (the kernel is not run): opt-in, M >= 512, enough tiles."""
+    from comfy_lowbit.kernels import bnb4_linear as lin
+    from comfy_lowbit.kernels import sm90
+
+    weight = make_weight(4096, 128, "nf4", False, seed=1)
+    big, small = torch.zeros(4096, 128, dtype=torch.bfloat16), torch.zeros(256, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    assert lin._sm90_path(big, weight) == "fused_sm90"
+    assert lin._sm90_path(small, weight) is None
+    assert lin._sm90_path(big.float(), weight) is None  # fp32 activations: no bf16/fp16 MMA operand
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "0")
+    assert lin._sm90_path(big, weight) is None

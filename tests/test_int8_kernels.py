@@ -199,6 +199,21 @@ def test_gemv_matches_reference(block, n, kb, dtype, split):
     _check_weight_only(out, x, w_q, w_s, block, bias)
 
 
+@pytest.mark.parametrize("block", (64, 128))
+@pytest.mark.parametrize("n,kb,dtype,split", [(37, 3, torch.bfloat16, 2), (70, 5, torch.float16, 4), (9, 8, torch.float32, 8)])
+def test_gemv_single_launch_split_k(block, n, kb, dtype, split):
+    """FIXUP: the last program of each row tile sums the K slices in the same launch. Twice in
+    a row: the counters it leaves behind must be zero again, or the second call goes wrong."""
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=k + 1)
+    bias = torch.randn(n).to(KERNEL_DEVICE) if n != 9 else None
+    for seed in (1, 2):
+        x = outlier_matrix(1, k, seed=n + seed, scale=25.0).to(dtype)
+        out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV, split=split, fixup=True)
+        _check_weight_only(out, x, w_q, w_s, block, bias)
+    assert int(int8_gemv.fixup_counters(w_q.device, 1).abs().sum()) == 0
+
+
 def test_weight_only_paths_propagate_nan():
     block, n, k = 128, 24, 256
     w_q, w_s = _weight(n, k, block, seed=9)
@@ -255,3 +270,90 @@ def test_autotuned_paths_on_gpu(m, monkeypatch):
     _check_weight_only(w8a16_matmul(x, w_q, w_s, block, bias), x, w_q, w_s, block, bias)
     q, scale_t = quantize_rows(x, block)
     _check_w8a8(w8a8_matmul(q, scale_t, w_q, w_s, block, bias), q, scale_t, w_q, w_s, block, bias)
+
+
+# ----------------------------------------------------------------------------- Hopper (Gluon)
+
+from comfy_lowbit.kernels import sm90  # noqa: E402
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
+from sm90_support import needs_gluon  # noqa: E402
+
+SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+@pytest.mark.parametrize("block", (64, 128))
+@pytest.mark.parametrize("m,n,kb", [(1, 40, 1), (17, 200, 2), (300, 264, 3), (129, 136, 5), (1000, 520, 8)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("producer_warp", (False, True))
+def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, producer_warp):
+    from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+
+    k = kb * block
+    w_q, w_s = _weight(n, k, block, seed=m + n + kb)
+    x = outlier_matrix(m, k, seed=m * n + kb, scale=25.0).to(torch.bfloat16)
+    bias = torch.randn(n).to(out_dtype).to(KERNEL_DEVICE) if m % 2 else None
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype, producer_warp=producer_warp)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+def test_sm90_w8a8_propagates_nan_and_refuses_what_tma_cannot_read():
+    from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+
+    block, m, n, k = 128, 70, 48, 512
+    w_q, w_s = _weight(n, k, block, seed=3)
+    x = outlier_matrix(m, k, seed=4).to(torch.bfloat16)
+    x[5, 300] = float("nan")
+    q, scale_t = _quantize_on_device(x, block)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, None, torch.float32).cpu()
+    assert torch.isnan(out[5]).all() and torch.isfinite(out[torch.arange(m) != 5]).all()
+    with pytest.raises(ValueError, match="column-major"):
+        w8a8_matmul_sm90(q, scale_t, w_q, w_s.contiguous(), block)
+    with pytest.raises(ValueError, match="blocks"):
+        q256, s256 = _quantize_on_device(x, 256)
+        w256, ws256 = _weight(n, k, 256, seed=3)
+        w8a8_matmul_sm90(q256, s256, w256, ws256, 256)
+
+
+@needs_gluon
+@pytest.mark.parametrize("enabled,block,scale_layout,expected", [
+    ("1", 128, "column", "sm90"), ("1", 64, "column", "sm90"), ("0", 128, "column", "portable"),
+    (None, 128, "column", "portable"), ("1", 256, "column", "portable"), ("1", 128, "row", "portable"),
+])
+def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypatch, enabled, block, scale_layout, expected):
+    """The dispatch rule on the CPU: the calls are recorded, not run."""
+    from comfy_lowbit.kernels import int8_gemm_sm90
+    from comfy_lowbit.layouts import int8_lodewise
+
+    if enabled is None:
+        monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL", raising=False)
+    else:
+        monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", enabled)
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    calls = []
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
+    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
+    w_q, w_s = _weight(48, 2 * block, block, seed=1, scale_layout=scale_layout)
+    q, scale_t = quantize_blockwise_reference(outlier_matrix(int8_lodewise.SM90_MIN_M, 2 * block, seed=2), block)
+    int8_lodewise._w8a8(q, scale_t.t().contiguous(), w_q, w_s, block, None, torch.bfloat16)
+    assert calls == [expected]
+
+
+@needs_gluon
+def test_small_batches_stay_on_the_portable_kernel(monkeypatch):
+    from comfy_lowbit.kernels import int8_gemm_sm90
+    from comfy_lowbit.layouts import int8_lodewise
+
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    calls = []
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
+    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
+    w_q, w_s = _weight(48, 256, 128, seed=1)
+    for m in (int8_lodewise.SM90_MIN_M - 1, int8_lodewise.SM90_MIN_M):
+        q, scale_t = quantize_blockwise_reference(outlier_matrix(m, 256, seed=m), 128)
+        int8_lodewise._w8a8(q, scale_t.t().contiguous(), w_q, w_s, 128, None, torch.bfloat16)
+    assert calls == ["portable", "sm90"]

@@ -76,6 +76,32 @@ def test_quantize_matches_reference(m, k, r, dtype, unsigned):
     assert relative_error(lora.sum(0), ref_lora) < (2e-3 if ON_GPU and dtype == torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("config", [{"STEP_GROUPS": 2}, {"STEP_GROUPS": 4, "BLOCK_M": 32, "num_warps": 8},
+                                    {"BLOCK_M": 32, "FAST_DIV": True}])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantize_variants_match_reference(config, unsigned):
+    """The benchmark's quantizer variants: several groups per step (K=320 has 5 groups, so a
+    step runs past the end of K and of a chunk), 32-row tiles, fast division (exact here: the
+    interpreter divides with numpy; the GPU's 2-ulp division is covered by the GPU bounds)."""
+    m, k, r = 37, 320, 12
+    x = _activation(m, k, seed=21, dtype=torch.bfloat16)
+    smooth = (torch.rand(k) + 0.5).to(torch.bfloat16).to(KERNEL_DEVICE)
+    down = (torch.randn(k, r) / 8).to(torch.bfloat16).to(KERNEL_DEVICE)
+    poisoned = _poisoned_quant_buffers(m, k, r)
+    out = (poisoned[0], poisoned[1], poisoned[2][:2])  # 2 chunks of whole steps
+    codes, ascales, lora = quantize_activations(x, smooth, down, unsigned, out=out, chunks=2, config=config)
+    ref_codes, ref_scales, ref_lora = quantize_activations_reference(x, smooth, down, unsigned)
+    got = natural_group_order(codes).int()
+    assert got.abs().max() <= 15, "an unwritten code (poison 127) survived"
+    diff = (got - ref_codes.int()).abs()
+    if ON_GPU:
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3
+    else:
+        assert torch.equal(got, ref_codes.int())
+    assert torch.isfinite(ascales).all() and torch.allclose(ascales, ref_scales, rtol=1e-6 if not ON_GPU else 1e-5, atol=0)
+    assert relative_error(lora.sum(0), ref_lora) < 1e-5
+
+
 def _gemm_inputs(m, n, k, r, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x = _activation(m, k, seed=seed, dtype=dtype)
@@ -185,3 +211,50 @@ def test_layout_linear_on_gpu_matches_reference(dtype, batch):
         out = torch.nn.functional.linear(x, qt, bias)
     ref = w4a4_linear_reference(x.reshape(-1, 768), qt, bias).float().reshape(batch, 37, 320)
     assert out.shape == (batch, 37, 320) and out.dtype == dtype and relative_error(out, ref) < 1e-2
+
+
+# ----------------------------------------------------------------------------- Hopper (Gluon)
+
+from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
+
+SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+@pytest.mark.parametrize("m,n,k,r", [(300, 200, 320, 32), (129, 72, 192, 20), (1, 40, 64, 8), (1000, 264, 512, 128)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("producer_warp", [False, True])
+def test_sm90_gemm_matches_reference(m, n, k, r, out_dtype, producer_warp):
+    """Odd M and N (TMA zero-fill, masked stores), odd and even group counts (the loop's tail),
+    ranks that are not a power of two, bias on odd M."""
+    from comfy_lowbit.kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+
+    scale_dtype = out_dtype if out_dtype != torch.float32 else torch.bfloat16
+    codes, ascales, qweight, wscales, lora, up, bias = _gemm_inputs(m, n, k, r, scale_dtype, seed=m + n + k)
+    bias = bias if m % 2 else None
+    fp8 = torch.float8_e4m3fn
+    poison = torch.full((m, n), float("nan"), dtype=out_dtype, device=KERNEL_DEVICE)
+    out = w4a4_gemm_sm90(split_group_order(codes).to(fp8), ascales, unpack_weight(qweight, fp8), wscales, lora, up,
+                         bias, out_dtype, out=poison, producer_warp=producer_warp)
+    ref = w4a4_gemm_reference(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
+    # Exact group sums, fp32 scaling, tf32 low-rank term; bf16/fp16: one output rounding.
+    tol = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 8e-3}[out_dtype]
+    assert out.dtype == out_dtype and relative_error(out, ref) < tol
+
+
+@pytest.mark.skipif(not __import__("comfy_lowbit.kernels.sm90", fromlist=["x"]).gluon_importable(),
+                    reason="this Triton has no Gluon Hopper API")
+def test_layout_takes_the_hopper_gemm_only_when_enabled(monkeypatch):
+    """The dispatch rule on the CPU (nothing is launched): opt-in, e4m3 operands."""
+    from comfy_lowbit.kernels import sm90
+    from comfy_lowbit.layouts import w4a4 as layout
+
+    codes = torch.zeros(256, 128, dtype=torch.float8_e4m3fn)
+    unpacked = torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
+    up = torch.zeros(64, 32)
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    assert layout._sm90_takes(codes, unpacked, up)
+    assert not layout._sm90_takes(codes.view(torch.int8), unpacked.view(torch.int8), up)  # int8 MMA plan
+    monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL")
+    assert not layout._sm90_takes(codes, unpacked, up)
