@@ -12,7 +12,10 @@ bandwidth, flops / bf16 peak), ratios, and which path ours took; for M >= 64 the
 dequantize + cuBLAS paths are both timed so the dispatch thresholds rest on this table.
 Also: GPU quantize (bf16 -> NF4) vs copy bandwidth, and our output vs bitsandbytes'.
 
-    python benchmarks/bench_bnb4.py [--out DIR] [--quick]
+    python benchmarks/bench_bnb4.py [--out DIR] [--quick] [--shapes 3072x12288,...] [--ms 1,16]
+                                    [--double-quant] [--paths gemv,gemv_lut] [--no-quantize]
+
+(--shapes as KxN; set COMFY_LOWBIT_EXPERIMENTAL=1 to dispatch to kernels not yet measured.)
 
 Writes ``bnb4.csv``, ``bnb4.txt`` and ``bnb4_speedup.png`` under --out (default $OUT or .).
 """
@@ -107,26 +110,38 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, peak
 
 
-def bnb_weight(w_bf16: torch.Tensor):
+def bnb_weight(w_bf16: torch.Tensor, double_quant: bool = False):
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(w_bf16, blocksize=64, quant_type="nf4", compress_statistics=False)
-    ours = Bnb4Weight(packed, state.absmax, tuple(w_bf16.shape), 64, "nf4")
+    packed, state = bnbf.quantize_4bit(w_bf16, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    if double_quant:  # uint8 absmax codes, one float32 per 256 of them, and the offset
+        ours = Bnb4Weight(packed, state.absmax, tuple(w_bf16.shape), 64, "nf4", state.state2.absmax, state.offset)
+    else:
+        ours = Bnb4Weight(packed, state.absmax, tuple(w_bf16.shape), 64, "nf4")
     return packed, state, ours
 
 
 def clone_weight(w: Bnb4Weight) -> Bnb4Weight:
-    return Bnb4Weight(w.packed.clone(), w.absmax.clone(), w.shape, w.block_size, w.quant_type)
+    nested = None if w.nested_absmax is None else w.nested_absmax.clone()
+    return Bnb4Weight(w.packed.clone(), w.absmax.clone(), w.shape, w.block_size, w.quant_type, nested, w.offset)
 
 
-def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: list[int]) -> None:
+def weight_bytes(w: Bnb4Weight) -> int:
+    return w.packed.nbytes + w.absmax.nbytes + (0 if w.nested_absmax is None else w.nested_absmax.nbytes)
+
+
+PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas")
+
+
+def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: list[int],
+                double_quant: bool = False, paths: tuple[str, ...] = PATHS) -> None:
     import bitsandbytes as bnb
 
     gen = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(torch.bfloat16)
-    packed, state, ours_w = bnb_weight(w)
+    packed, state, ours_w = bnb_weight(w, double_quant)
     w_deq = dequantize(ours_w, torch.bfloat16)  # bf16 baseline on the same (dequantized) weights
-    nf4_bytes = ours_w.packed.nbytes + ours_w.absmax.nbytes
+    nf4_bytes = weight_bytes(ours_w)
     bf16_copies = [w_deq.clone() for _ in range(copies_needed(w_deq.nbytes))]
     nf4_copies = [(packed.clone(), state, clone_weight(ours_w)) for _ in range(copies_needed(nf4_bytes))]
     for m in ms:
@@ -140,8 +155,8 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         t_bf16, t_bnb, t_ours = graph_us(bf16_fns), graph_us(bnb_fns), graph_us(ours_fns)
         eager = {name: median_us(rotating(fns)) for name, fns in (("bf16", bf16_fns), ("bnb", bnb_fns), ("ours", ours_fns))}
         variants = {}
-        for path in ("gemv", "fused", "dequant_cublas"):
-            if (path == "gemv" and m > 16) or (path == "fused" and m > 4096):
+        for path in paths:
+            if (path == "gemv" and m > 16) or (path == "gemv_lut" and m > 8) or (path == "fused" and m > 4096):
                 continue
             variants[path] = graph_us([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies])
         if m >= 256 and hopper_with_gluon(x.device):  # the Hopper fused GEMM, opt-in in the dispatch
@@ -150,7 +165,7 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         traffic = nf4_bytes + x.nbytes + m * n * 2
         floor = max(traffic / bw, flops / peak) * 1e6
         row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=choose_path(m),
-                   gemv_us=variants.get("gemv"), fused_us=variants.get("fused"),
+                   gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), fused_us=variants.get("fused"),
                    dequant_cublas_us=variants.get("dequant_cublas"), fused_sm90_us=variants.get("fused_sm90"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,
                    floor_us=floor, floor_frac=floor / t_ours, vs_bf16=t_bf16 / t_ours, vs_bnb=t_bnb / t_ours,
@@ -159,7 +174,7 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:8.1f}"  # noqa: E731
         say(f"{k:5d} {n:5d} {m:5d} | {t_bf16:8.1f} {t_bnb:8.1f} {t_ours:8.1f} {row['path']:>14s} | "
-            f"{fmt(variants.get('gemv'))} {fmt(variants.get('fused'))} {fmt(variants.get('dequant_cublas'))} | "
+            f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('fused'))} {fmt(variants.get('dequant_cublas'))} | "
             f"{row['ours_tflops']:6.1f} {row['ours_weight_gbs']:7.0f} {floor:8.1f} {row['floor_frac']:5.2f} | "
             f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | "
             f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e} | {fmt(variants.get('fused_sm90'))}")
@@ -197,11 +212,11 @@ def report_kernels() -> None:
     from comfy_lowbit.kernels import bnb4_linear as lin
     from comfy_lowbit.kernels import bnb4_quantize as qz
 
-    for name in ("_gemv", "_matmul"):
+    for name in ("_gemv", "_gemv_lut", "_matmul"):
         tuner = getattr(lin, name)
         for key, config in getattr(tuner, "cache", {}).items():
             say(f"autotune {name} {key[:4]} -> {config}")
-    kernels = [lin._bnb4_gemv_kernel, lin._bnb4_matmul_kernel, lin._bnb4_dequantize_kernel, qz._bnb4_quantize_kernel]
+    kernels = [lin._bnb4_gemv_kernel, lin._bnb4_gemv_lut_kernel, lin._bnb4_matmul_kernel, lin._bnb4_dequantize_kernel, qz._bnb4_quantize_kernel]
     for jit in kernels:
         for caches in getattr(jit, "device_caches", {}).values():
             for compiled in caches[0].values():
@@ -242,6 +257,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="one shape, three M (smoke run)")
+    parser.add_argument("--shapes", help="comma-separated KxN (default: the four FLUX shapes)")
+    parser.add_argument("--ms", help="comma-separated M (default: the full sweep)")
+    parser.add_argument("--double-quant", action="store_true", help="double-quantized absmax (uint8 + nested)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="the forced paths to time besides the dispatched one ('none': only that one)")
+    parser.add_argument("--no-quantize", action="store_true", help="skip the quantize/dequantize timings")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,17 +272,24 @@ def main() -> int:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     bw, peak = measure_ceilings()
     say(f"ceilings: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 cuBLAS {peak / 1e12:.0f} TFLOP/s (8192^3)")
-    say("NF4 block 64, fp32 absmax. Times in us: CUDA-graph replays over rotating weight copies (> 2x L2), "
+    say(f"NF4 block 64, {'double-quantized' if args.double_quant else 'fp32'} absmax, "
+        f"COMFY_LOWBIT_EXPERIMENTAL={os.environ.get('COMFY_LOWBIT_EXPERIMENTAL', '0')}. Times in us: CUDA-graph replays over rotating weight copies (> 2x L2), "
         "median per call = GPU time; e:* = eager do_bench medians (host launch overhead included when it "
         "exceeds the L2 flush). gemv/fused/dq+cuBLAS = our paths forced; ours = the dispatched one.")
-    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>14} | {'gemv':>8} {'fused':>8} "
+    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>14} | {'gemv':>8} {'gemv_lut':>8} {'fused':>8} "
         f"{'dq+cuBLAS':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
         f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err | {'sm90':>8}")
     rows: list[dict] = []
     shapes = SHAPES[1:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [1, 16, 4096] if args.quick else MS
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
     for k, n in shapes:
-        bench_shape(k, n, bw, peak, rows, [1, 16, 4096] if args.quick else MS)
-    qrows = bench_quantize(bw)
+        paths = tuple(p for p in args.paths.split(",") if p and p != "none")
+        bench_shape(k, n, bw, peak, rows, ms, args.double_quant, paths)
+    qrows = [] if args.no_quantize else bench_quantize(bw)
     try:
         report_kernels()
     except Exception as exc:  # diagnostics only
@@ -271,10 +298,11 @@ def main() -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(out_dir / "bnb4_quantize.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(qrows[0]))
-        writer.writeheader()
-        writer.writerows(qrows)
+    if qrows:
+        with open(out_dir / "bnb4_quantize.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(qrows[0]))
+            writer.writeheader()
+            writer.writerows(qrows)
     try:
         plot(rows, out_dir / "bnb4_speedup.png")
     except ImportError as exc:

@@ -16,9 +16,10 @@ quantization block B (64 by default):
 Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 ``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
 
-Three portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
+Four portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
 measurements in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for
-M >= 2). On Hopper, with ``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
+M >= 2; with COMFY_LOWBIT_EXPERIMENTAL=1, gemv_lut for M <= 8). On Hopper, with
+``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
 (``kernels/bnb4_gemm_sm90.py``: decode in the main loop overlapped with async wgmma):
 
 * ``gemv``: every program owns a few rows of W and one row of x and walks all of K, reading
@@ -28,6 +29,10 @@ M >= 2). On Hopper, with ``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_
   the sum stays in float32. Small row tiles give enough programs to fill the GPU even when N
   is small, so no split-K (whose extra zero/reduce launches would cost more than a GEMV of
   these sizes takes). An autotuned variant issues the next step's loads before the math.
+* ``gemv_lut`` (v5, not yet measured on a GPU, hence opt-in): a thread owns whole 16-byte
+  chunks of W (128-bit loads, one absmax each) and keeps per-chunk sums, so the loop has no
+  cross-thread traffic; the codebook is decoded by ``prmt`` from registers (``bnb4_lut``) on
+  the GPU; one decode serves up to 4 rows of x.
 * ``fused``: a tensor-core GEMM that dequantizes the W tile in the main loop. It computes the
   transposed product ``y.T[n, m] = W[n, :] . x[m, :]`` so the dequantized W tile (made in
   registers) is the left operand and its rows fill the MMA's M dimension even when x has a
@@ -50,7 +55,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import bnb4_codec
+from . import bnb4_codec, bnb4_lut
+from .bnb4_lut import lane_ids, lut_decode
+from .experimental import experimental_kernels_enabled
 from .tiling import grouped_tile_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -202,6 +209,107 @@ def _bnb4_gemv_kernel(
     tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _bnb4_gemv_lut_kernel(
+    xp_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, words_ptr, bias_ptr, out_ptr,
+    M, N, ROW_BYTES, BLOCKS_PER_ROW, stride_xpm, stride_om,
+    QBLOCK: tl.constexpr,
+    ROWS: tl.constexpr,  # rows of x per program, 1 to 4: each decoded weight chunk serves all of them
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    KB: tl.constexpr,  # 16-byte chunks of a row per loop step
+    X_KIND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    LUT: tl.constexpr,  # 0: codebook gather (interpreter, fp32 x), 1: NF4 register LUT, 2: FP4 register LUT
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the row's chunks % KB == 0: no masks on the weight
+):
+    """v5 GEMV: ROWS rows of x (program axis 1) against BLOCK_N rows of W.
+
+    The weight tile is (BLOCK_N rows, KB chunks, 16 bytes): a thread owns whole 16-byte chunks
+    (one 128-bit load each; a chunk is 32 elements, so it lies in one quantization block and
+    needs one absmax). Per step a thread decodes its chunk once, sums its products with each
+    row of x in registers and adds ``sum * absmax`` to its own (weight row, chunk) accumulator
+    of that x row: no cross-thread traffic in the loop; the chunk axis is reduced once, after
+    it. The x rows are unrolled by hand (one 3-D tile each, acc0..acc3): a 4-D (x row, weight
+    row, chunk, byte) tile compiled to shared-memory layout conversions in the loop.
+    """
+    pid_n = tl.program_id(0)
+    row0 = tl.program_id(1) * ROWS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    chunk = tl.arange(0, KB)
+    lane = tl.arange(0, 16)
+    byte_off = offs_n[:, None, None] * ROW_BYTES + chunk[None, :, None] * 16 + lane[None, None, :]
+    # x pairs of the same elements, broadcast over the weight rows so that the x load has the
+    # byte load's shape: Triton then gives both one layout (16 per thread), x needs no shuffle
+    pair_off = tl.broadcast_to(chunk[None, :, None] * 16 + lane[None, None, :], (BLOCK_N, KB, 16))
+    num_chunks = ROW_BYTES // 16
+    if LUT != 0:
+        # The LUT's register words, each lane loading its own copy (words_ptr holds 32 copies):
+        # a value ptxas can prove uniform it keeps in a uniform register and copies into a
+        # register before every prmt that uses it (one extra instruction per prmt in the SASS).
+        lane_id = lane_ids((BLOCK_N, KB))
+        l0 = tl.load(words_ptr + lane_id * 4)[:, :, None]
+        l2 = tl.load(words_ptr + lane_id * 4 + 1)[:, :, None]
+        h0 = tl.load(words_ptr + lane_id * 4 + 2)[:, :, None]
+        h2 = tl.load(words_ptr + lane_id * 4 + 3)[:, :, None]
+    acc0 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    for c0 in range(0, num_chunks, KB):
+        c_ok = (c0 + chunk) < num_chunks
+        tile_ok = n_ok[:, None, None] & c_ok[None, :, None]
+        if EVEN:
+            byte = tl.load(packed_ptr + byte_off + c0 * 16)
+        else:
+            byte = tl.load(packed_ptr + byte_off + c0 * 16, mask=tile_ok, other=0)
+        if LUT == 0:
+            w_hi, w_lo = _decode(code_ptr, code_ptr, byte, False)
+        else:
+            w_hi, w_lo = lut_decode(byte, l0, l2, h0, h2, LUT == 2)
+        block = offs_n[:, None] * BLOCKS_PER_ROW + ((c0 + chunk[None, :]) * 32) // QBLOCK
+        scale = _block_absmax(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block,
+                              (n_ok[:, None] & c_ok[None, :]) | EVEN, DOUBLE_QUANT)
+        x_ptrs = xp_ptr + row0 * stride_xpm + pair_off + c0 * 16
+        acc0 += _row_dot(x_ptrs, w_hi, w_lo, tile_ok, M - row0, 0, EVEN, X_KIND) * scale
+        if ROWS > 1:
+            acc1 += _row_dot(x_ptrs + stride_xpm, w_hi, w_lo, tile_ok, M - row0, 1, False, X_KIND) * scale
+        if ROWS > 2:
+            acc2 += _row_dot(x_ptrs + 2 * stride_xpm, w_hi, w_lo, tile_ok, M - row0, 2, False, X_KIND) * scale
+            acc3 += _row_dot(x_ptrs + 3 * stride_xpm, w_hi, w_lo, tile_ok, M - row0, 3, False, X_KIND) * scale
+    _store_row(out_ptr, bias_ptr, acc0, row0, offs_n, n_ok, stride_om, HAS_BIAS)
+    if ROWS > 1:
+        if row0 + 1 < M:
+            _store_row(out_ptr, bias_ptr, acc1, row0 + 1, offs_n, n_ok, stride_om, HAS_BIAS)
+    if ROWS > 2:
+        if row0 + 2 < M:
+            _store_row(out_ptr, bias_ptr, acc2, row0 + 2, offs_n, n_ok, stride_om, HAS_BIAS)
+        if row0 + 3 < M:
+            _store_row(out_ptr, bias_ptr, acc3, row0 + 3, offs_n, n_ok, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _row_dot(x_ptrs, w_hi, w_lo, tile_ok, rows_left, R: tl.constexpr, UNMASKED: tl.constexpr,
+             X_KIND: tl.constexpr):
+    """Per (weight row, chunk): the chunk's dot product with x row R of the program (pairs at
+    x_ptrs; zeros past the rows_left rows that exist)."""
+    if UNMASKED:
+        xv = tl.load(x_ptrs)
+    else:
+        xv = tl.load(x_ptrs, mask=tile_ok & (tl.full(tile_ok.shape, R, tl.int32) < rows_left), other=0)
+    x_even, x_odd = _unpair(xv, X_KIND)
+    return tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
+
+
+@triton.jit
+def _store_row(out_ptr, bias_ptr, acc, row, offs_n, n_ok, stride_om, HAS_BIAS: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------- fused GEMM
 
 
@@ -315,11 +423,28 @@ def _gemv_configs() -> list[triton.Config]:
             for bn, ch, w in _GEMV_TILES for pf in (False, True)]
 
 
+# (BLOCK_N, KB, num_warps) of the v5 GEMV: rows per program and 16-byte chunks per step.
+_GEMV_LUT_TILES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), (16, 64, 8), (2, 64, 4)]
+
+
+def _gemv_lut_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": bn, "KB": kb}, num_warps=w) for bn, kb, w in _GEMV_LUT_TILES]
+
+
+# EVEN (no masks) whenever the tile divides the shape: the masked loads cost a register
+# zeroing per element and the predicates
+_gemv_lut_jit = triton.heuristics({
+    "EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and (a["ROW_BYTES"] // 16) % a["KB"] == 0,
+})(_bnb4_gemv_lut_kernel)
+
 if not AUTOTUNE:
     _gemv = _bnb4_gemv_kernel
+    _gemv_lut = _gemv_lut_jit
     _matmul = _bnb4_matmul_kernel
 else:
     _gemv = triton.autotune(_gemv_configs(), key=["N", "K"])(_bnb4_gemv_kernel)
+    _gemv_lut = triton.autotune(_gemv_lut_configs(), key=["N", "ROW_BYTES", "ROWS", "LUT", "DOUBLE_QUANT", "X_KIND"])(
+        _gemv_lut_jit)
     _matmul = triton.autotune(
         _matmul_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_matmul}
     )(_bnb4_matmul_kernel)
@@ -327,6 +452,7 @@ else:
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
 # (the interpreter runs programs one after another: few, large ones keep CI fast)
 _FIXED_GEMV = {"BLOCK_N": 64 if INTERPRET else 16, "CHUNKS": 4 if INTERPRET else 2, "PAIR": True, "PREFETCH": True}
+_FIXED_GEMV_LUT = {"BLOCK_N": 32, "KB": 8} if INTERPRET else {"BLOCK_N": 8, "KB": 32}
 _FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -349,6 +475,9 @@ _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 # Largest M served by the GEMV (measured on the H100, see benchmarks/NOTES.md).
 GEMV_MAX_M = 1
+# The same for the v5 GEMV (opt-in, not yet measured): up to 8 rows, predicted from its SASS
+# to beat dequantize + cuBLAS there (benchmarks/NOTES.md, v5).
+GEMV_LUT_MAX_M = 8
 DEQUANT_BLOCK_BYTES = 1024
 
 
@@ -424,7 +553,11 @@ def _m_bucket(m: int) -> int:
 
 def choose_path(m: int) -> str:
     """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
-    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3)."""
+    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3).
+    The v5 GEMV (``gemv_lut``, up to GEMV_LUT_MAX_M) is used only when opted into
+    (``experimental``)."""
+    if experimental_kernels_enabled() and m <= GEMV_LUT_MAX_M:
+        return "gemv_lut"
     return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
 
 
@@ -438,8 +571,8 @@ def bnb4_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for x of shape (..., K) in fp16/bf16/fp32; output in x's dtype.
 
-    ``path`` forces one of ``gemv``/``fused``/``fused_sm90``/``dequant_cublas`` (benchmarks,
-    tests); ``out``
+    ``path`` forces one of ``gemv``/``gemv_lut``/``fused``/``fused_sm90``/``dequant_cublas``
+    (benchmarks, tests); ``out``
     (contiguous, (M, N) with M the rows of x) lets tests hand in a poisoned buffer.
     """
     check_inputs(x, w, bias)
@@ -464,6 +597,8 @@ def bnb4_linear(
     path = path or choose_path(m)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
+    elif path == "gemv_lut":
+        _launch_gemv_lut(x2, w, bias, out)
     elif path == "fused":
         _launch_matmul(x2, w, bias, out)
     elif path == "fused_sm90":
@@ -475,7 +610,8 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'fused', 'fused_sm90' or 'dequant_cublas', got {path!r}")
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused', 'fused_sm90' or "
+                         f"'dequant_cublas', got {path!r}")
     return out.reshape(*lead, n)
 
 
@@ -534,6 +670,48 @@ def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
     else:
         key = ("gemv", n, k, x2.dtype, *meta.values())
         _run_tuned(_gemv, _bnb4_gemv_kernel, key, grid_of, args, meta)
+
+
+_LUT_WORDS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lut_words(quant_type: str, device: torch.device) -> torch.Tensor:
+    """32 copies (one per lane) of the codebook's four LUT register words, int32."""
+    key = (quant_type, device)
+    if key not in _LUT_WORDS:
+        _LUT_WORDS[key] = bnb4_lut.register_words(quant_type).repeat(32).to(device)
+    return _LUT_WORDS[key]
+
+
+def _gemv_rows(m: int) -> int:
+    """Rows of x per v5 GEMV program: 1, 2 or 4 (one weight decode serves each of them)."""
+    return 1 if m == 1 else 2 if m == 2 else 4
+
+
+def _launch_gemv_lut(x2, w: Bnb4Weight, bias, out) -> None:
+    """The v5 GEMV. Register LUT on the GPU for fp16/bf16 x (the codebook rounded to float16:
+    2^-11 relative, below those dtypes' output rounding); the exact codebook gather for fp32 x
+    and under the interpreter (inline PTX cannot be interpreted)."""
+    n, k = w.shape
+    m = x2.shape[0]
+    code, _, dyn = _constants(w.quant_type, x2.device)
+    kind, word = _X_KIND[x2.dtype]
+    if x2.stride(0) % 2 or x2.data_ptr() % (2 * x2.element_size()):
+        x2 = x2.clone()
+    xp = x2.view(word)
+    lut = 0 if INTERPRET or x2.dtype == torch.float32 else (1 if w.quant_type == "nf4" else 2)
+    words = _lut_words(w.quant_type, x2.device) if lut else code
+    args = (xp, w.packed, *_absmax_args(w, dyn), code, words, bias if bias is not None else out, out,
+            m, n, k // 2, k // w.block_size, xp.stride(0), out.stride(0))
+    rows = _gemv_rows(m)
+    meta = dict(QBLOCK=w.block_size, ROWS=rows, X_KIND=kind, HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant,
+                LUT=lut)
+    grid_of = lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, rows))  # noqa: E731
+    if not AUTOTUNE:
+        _gemv_lut[grid_of(_FIXED_GEMV_LUT)](*args, **meta, **_FIXED_GEMV_LUT)
+    else:
+        key = ("gemv_lut", n, k, x2.dtype, *meta.values())
+        _run_tuned(_gemv_lut, _gemv_lut_jit, key, grid_of, args, meta)
 
 
 def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:

@@ -7,13 +7,15 @@ one per block of B consecutive elements (the last block may be partial).
 Math, per block, exactly as the reference does it in float32:
 ``absmax = max|x|``; ``s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)`` (a reciprocal then a
 multiply, both correctly rounded: Triton's plain ``/`` is an approximate division, so the
-reciprocal uses ``div_rn``); a short last block (numel not a multiple of B) instead stores
+reciprocal uses ``div_rn``; the clamp needs no instruction, as a value past +-1 gets the code
+of +-1 anyway); a short last block (numel not a multiple of B) instead stores
 ``max(absmax, 1e-38)`` and divides, as bitsandbytes does; the code is ``order[#{t in thresholds : s > t}]``, where
 ``thresholds`` are the 15 midpoints between the sorted codebook values and ``order`` maps a
 sorted position back to its code (identity for NF4, which is sorted; a permutation for FP4,
 whose sign is bit 3). Counting strict ``>`` is ``torch.bucketize`` with ``right=False``: a value
-exactly on a midpoint gets the lower code. The 15 thresholds are passed as scalars, so the
-count is 15 compare-and-adds in registers, and ``order`` is a 16-entry table in L1.
+exactly on a midpoint gets the lower code. The 15 thresholds are passed as scalars and the
+count is found by a 4-level binary search in registers (``_codes``); ``order`` is a 64-bit
+constant (16 nibbles) read with a shift.
 
 Double quantization of the absmax (``nested=True``) works on 1/B of the data and runs through
 the codec's own PyTorch code on the GPU: it is bit-exact by construction and costs a few small
@@ -34,22 +36,35 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _codes(s, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED: tl.constexpr):
-    """4-bit codes of scaled values: the count of midpoints strictly below, through ``order``."""
-    pos = ((s > t0).to(tl.int32) + (s > t1).to(tl.int32) + (s > t2).to(tl.int32) + (s > t3).to(tl.int32)
-           + (s > t4).to(tl.int32) + (s > t5).to(tl.int32) + (s > t6).to(tl.int32) + (s > t7).to(tl.int32)
-           + (s > t8).to(tl.int32) + (s > t9).to(tl.int32) + (s > t10).to(tl.int32) + (s > t11).to(tl.int32)
-           + (s > t12).to(tl.int32) + (s > t13).to(tl.int32) + (s > t14).to(tl.int32))
-    if SORTED:  # NF4: the sorted position is the code
-        return pos.to(tl.uint8)
-    return tl.load(order_ptr + pos).to(tl.uint8)
+def _codes(s, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, ORDER: tl.constexpr):
+    """4-bit codes (int32: 8-bit math costs byte shuffles) of scaled values: the count of
+    midpoints strictly below, through ``order``.
+
+    The count of sorted thresholds below ``s`` is found by a 4-level binary search: each level
+    compares against the middle threshold of the remaining range (chosen by the bits found so
+    far with selects) and yields one bit of the count. For sorted thresholds this equals the
+    15-comparison count exactly, ties included (both use strict ``>``); 4 compares and 11
+    selects instead of 15 compares and 15 adds. ``ORDER``: 0 for a sorted codebook (NF4: the
+    count is the code), else the 16 codes by sorted position as nibbles of a 64-bit constant
+    (FP4), read with a shift instead of a table load.
+    """
+    b3 = s > t7
+    b2 = s > tl.where(b3, t11, t3)
+    b1 = s > tl.where(b3, tl.where(b2, t13, t9), tl.where(b2, t5, t1))
+    b0 = s > tl.where(b3, tl.where(b2, tl.where(b1, t14, t12), tl.where(b1, t10, t8)),
+                      tl.where(b2, tl.where(b1, t6, t4), tl.where(b1, t2, t0)))
+    pos = b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+    if ORDER == 0:
+        return pos
+    return ((tl.full(pos.shape, ORDER, tl.uint64) >> (pos * 4).to(tl.uint64)) & 15).to(tl.int32)
 
 
 @triton.jit
 def _bnb4_quantize_kernel(
-    xp_ptr, packed_ptr, absmax_ptr, order_ptr, numel, num_blocks, tiny,
+    xp_ptr, packed_ptr, absmax_ptr, numel, num_blocks, tiny,
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
-    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, SORTED: tl.constexpr, X_KIND: tl.constexpr,
+    QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ORDER: tl.constexpr, X_KIND: tl.constexpr,
+    EVEN: tl.constexpr,  # numel is a multiple of QBLOCK * BLOCKS_PER_PROGRAM: no masks, no short block
 ):
     """x is read as element pairs (``xp``, see ``bnb4_linear._unpair``): word j holds elements 2j
     and 2j+1, which become byte j's high and low nibble, so the packing needs no shuffles."""
@@ -57,12 +72,19 @@ def _bnb4_quantize_kernel(
     first = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
     blocks = first + tl.arange(0, BLOCKS_PER_PROGRAM)
     word = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    word_ok = word < (numel + 1) // 2
-    even, odd = _unpair(tl.load(xp_ptr + word, mask=word_ok, other=0), X_KIND)
+    if EVEN:
+        even, odd = _unpair(tl.load(xp_ptr + word), X_KIND)
+    else:
+        word_ok = word < (numel + 1) // 2
+        even, odd = _unpair(tl.load(xp_ptr + word, mask=word_ok, other=0), X_KIND)
     absmax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
     clamped = tl.maximum(absmax, tiny)  # tiny = 1e-38, a float32 denormal: passed in, not a literal
     recip = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), clamped)
-    if (first + BLOCKS_PER_PROGRAM >= num_blocks) & (numel % QBLOCK != 0):
+    if EVEN:
+        tl.store(absmax_ptr + blocks, absmax)
+        s_even = even * recip[:, None]
+        s_odd = odd * recip[:, None]
+    elif (first + BLOCKS_PER_PROGRAM >= num_blocks) & (numel % QBLOCK != 0):
         # the program holding bitsandbytes' short last block: that block divides and stores
         # the clamped absmax (module header); a per-element division everywhere would cost
         # more than the whole rest of the kernel
@@ -75,25 +97,29 @@ def _bnb4_quantize_kernel(
         tl.store(absmax_ptr + blocks, absmax, mask=blocks < num_blocks)
         s_even = even * recip[:, None]
         s_odd = odd * recip[:, None]
-    s_even = tl.minimum(tl.maximum(s_even, -1.0), 1.0)
-    s_odd = tl.minimum(tl.maximum(s_odd, -1.0), 1.0)
-    hi = _codes(s_even, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED)
-    lo = _codes(s_odd, order_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, SORTED)
-    tl.store(packed_ptr + word, (hi << 4) | lo, mask=word_ok)
+    # no clamp to [-1, 1]: past +-1 the search gives the code of +-1, as the codec's does
+    hi = _codes(s_even, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, ORDER)
+    lo = _codes(s_odd, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, ORDER)
+    byte = ((hi << 4) | lo).to(tl.uint8)
+    if EVEN:
+        tl.store(packed_ptr + word, byte)
+    else:
+        tl.store(packed_ptr + word, byte, mask=word_ok)
 
 
-_TABLES: dict[tuple[str, torch.device], tuple[list[float], torch.Tensor]] = {}
+_TABLES: dict[str, tuple[list[float], int]] = {}
 
 
-def quantize_tables(quant_type: str, device: torch.device) -> tuple[list[float], torch.Tensor]:
-    """(15 sorted float32 midpoints as Python floats, int32 order table on ``device``)."""
-    key = (quant_type, device)
-    if key not in _TABLES:
+def quantize_tables(quant_type: str) -> tuple[list[float], int]:
+    """(15 sorted float32 midpoints as Python floats, the ``ORDER`` constant of ``_codes``:
+    0 when the codebook is sorted, else code of sorted position p in bits 4p..4p+3)."""
+    if quant_type not in _TABLES:
         code = bnb4_codec.codebook(quant_type).float()
         order = torch.argsort(code, stable=True)
         midpoints = (code[order[:-1]] + code[order[1:]]) / 2  # float32 arithmetic, as the codec
-        _TABLES[key] = ([float(t) for t in midpoints.tolist()], order.to(device=device, dtype=torch.int32))
-    return _TABLES[key]
+        packed_order = 0 if torch.equal(order, torch.arange(16)) else sum(int(c) << (4 * p) for p, c in enumerate(order))
+        _TABLES[quant_type] = ([float(t) for t in midpoints.tolist()], packed_order)
+    return _TABLES[quant_type]
 
 
 def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4", nested: bool = False,
@@ -124,14 +150,15 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
                 or absmax.dtype != torch.float32 or not (packed.is_contiguous() and absmax.is_contiguous()):
             raise ValueError(f"bnb4 quantize: out: expected uint8 {((numel + 1) // 2, 1)} and float32 ({num_blocks},), "
                              f"got {packed.dtype} {tuple(packed.shape)} and {absmax.dtype} {tuple(absmax.shape)}")
-    thresholds, order = quantize_tables(quant_type, x.device)
-    per_program = max(1, min(16, 2048 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
+    thresholds, order = quantize_tables(quant_type)
+    # 4096 elements per program: each thread loads 4 x 16 bytes (bf16) before it computes
+    per_program = max(1, min(64, 4096 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
     grid = (triton.cdiv(num_blocks, per_program),)
     if numel:
         kind, word = _X_KIND[flat.dtype]
-        _bnb4_quantize_kernel[grid](flat.view(word), packed, absmax, order, numel, num_blocks, 1e-38, *thresholds,
-                                    QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program,
-                                    SORTED=quant_type == "nf4", X_KIND=kind, num_warps=4)
+        _bnb4_quantize_kernel[grid](flat.view(word), packed, absmax, numel, num_blocks, 1e-38, *thresholds,
+                                    QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program, ORDER=order, X_KIND=kind,
+                                    EVEN=numel % (block_size * per_program) == 0, num_warps=4)
     if not nested:
         return packed, absmax
     codes, nested_absmax, offset = bnb4_codec.quantize_nested_absmax(absmax)

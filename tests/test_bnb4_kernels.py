@@ -27,7 +27,7 @@ BLOCK = 64
 K = 5 * BLOCK
 N = 3 * BLOCK  # odd multiples of the block: not a multiple of the 128-wide N tiles
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
-PATHS = ("gemv", "fused", "dequant_cublas")
+PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas")
 
 
 def make_weight(n: int, k: int, quant_type: str, double_quant: bool, seed: int, block: int = BLOCK) -> Bnb4Weight:
@@ -67,6 +67,8 @@ def to_cpu(w: Bnb4Weight) -> Bnb4Weight:
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
 @pytest.mark.parametrize("path", PATHS)
 def test_linear_matches_reference(path, m, quant_type, double_quant):
+    if path == "gemv_lut" and m > 17:
+        pytest.skip("the M=1 GEMV: 17 rows of x already cover the row axis (keeps CI fast)")
     weight = make_weight(N, K, quant_type, double_quant, seed=m)
     x = outlier_matrix(m, K, seed=100 + m).to(KERNEL_DEVICE, torch.bfloat16)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
@@ -102,6 +104,20 @@ def test_gemv_without_prefetch(monkeypatch):
     weight = make_weight(N, K, "fp4", True, seed=61)
     x = outlier_matrix(3, K, seed=62).to(KERNEL_DEVICE, torch.float16)
     check_linear(x, weight, None, "gemv", torch.float16)
+
+
+def test_gemv_lut_even_tiles_and_opt_in(monkeypatch):
+    """The v5 GEMV where its tile divides the shape (the unmasked EVEN variant: N = 192 rows,
+    K = 512 = 16 chunks of 16 bytes) with 1, 2 and 4 rows of x per program, reached through
+    the dispatch once opted into."""
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    assert [choose_path(m) for m in (1, 2, 8, 9)] == ["gemv_lut"] * 3 + ["dequant_cublas"]
+    weight = make_weight(N, 8 * BLOCK, "nf4", True, seed=71)
+    for m in (1, 2, 4):
+        x = outlier_matrix(m, 8 * BLOCK, seed=72 + m).to(KERNEL_DEVICE, torch.bfloat16)
+        check_linear(x, weight, None, None, torch.bfloat16)
+    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "0")
+    assert choose_path(1) == "gemv"
 
 
 def test_dispatch_covers_every_m():
@@ -140,6 +156,7 @@ def test_bad_inputs_name_what_was_expected():
     (torch.bfloat16, (160, 192), 64),
     (torch.float32, (7, 37), 64),  # odd numel: a partial last block and a padded last nibble
     (torch.float16, (3, 256), 128),
+    (torch.bfloat16, (64, 128), 64),  # 8192 values: whole programs on the GPU too (the unmasked variant)
 ])
 @pytest.mark.parametrize("nested", [False, True])
 def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
@@ -161,6 +178,23 @@ def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
                            bnb4_codec.dequantize_nested_absmax(*ref_nested).cpu())
     else:
         assert torch.equal(got[1].cpu(), absmax_ref)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_midpoint_ties_bit_exact(quant_type):
+    """Every midpoint between codebook values, and its float32 neighbours, as scaled values
+    (a block whose absmax is 1.0 scales by exactly 1): ties take the lower code, as the codec."""
+    from comfy_lowbit.kernels.bnb4_quantize import quantize_tables
+
+    mids = torch.tensor(quantize_tables(quant_type)[0], dtype=torch.float32)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        torch.tensor([1.0, -1.0, 0.0, -0.0])])
+    x = torch.zeros(2 * BLOCK)
+    x[:probes.numel()] = probes
+    x[BLOCK:BLOCK + probes.numel()] = -probes.flip(0)
+    got = bnb4_quantize(x.to(KERNEL_DEVICE), BLOCK, quant_type)
+    packed_ref, absmax_ref = bnb4_codec.quantize_4bit(x, BLOCK, quant_type)
+    assert torch.equal(got[0].cpu(), packed_ref) and torch.equal(got[1].cpu(), absmax_ref)
 
 
 # ----------------------------------------------------------------------------- Hopper (Gluon)
