@@ -12,8 +12,8 @@ peers=${2:-.peers/site.tar.xz}
 mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
-export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1
-steps=${STEPS:-"env tests experimental int8 bnb4 w4a4 w4a4small block"}
+export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
+steps=${STEPS:-"env tests experimental int8 bnb4 bnb4small w4a4 w4a4small block"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -33,6 +33,9 @@ step experimental 300 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 py
     tests/test_bnb4_kernels.py tests/test_w4a4_gemv.py
 step int8 420 python3 benchmarks/bench_int8.py --variants 4096
 step bnb4 300 python3 benchmarks/bench_bnb4.py
+# The v5 register-LUT GEMV against v4 at 1-8 rows, with double-quantised absmax (the case)
+step bnb4small 240 env COMFY_LOWBIT_EXPERIMENTAL=1 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 1,2,4,8 \
+    --double-quant --paths gemv,gemv_lut --no-quantize
 step w4a4 300 python3 benchmarks/bench_w4a4.py
 step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'
 step block 240 python3 benchmarks/bench_block.py
