@@ -203,10 +203,7 @@ def _bnb4_gemv_kernel(
             w_hi, w_lo = _decode(code_ptr, pair_ptr, byte, PAIR)
             x_even, x_odd = _unpair(xv, X_KIND)
             acc += tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2) * scale
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    _store_row(out_ptr, bias_ptr, acc, row, offs_n, n_ok, stride_om, HAS_BIAS)
 
 
 @triton.jit

@@ -269,6 +269,28 @@ def _launcher(bucket: str):
     return _TUNED[bucket]
 
 
+def check_operands(
+    kernel: str, codes: torch.Tensor, ascales: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
+    lora: torch.Tensor, proj_up: torch.Tensor, *, packed: bool = True,
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """``(lora as (C, M, R), (M, N, K, R))`` for operands shaped as in the module header, or a
+    ValueError naming ``kernel``, the tensor, its shape and the expected one. ``packed=False``:
+    ``weight`` is the (N, K) 8-bit ``unpack_weight`` instead of the (N, K/2) nibbles."""
+    m, k = codes.shape
+    n = weight.shape[0]
+    r = proj_up.shape[1]
+    if lora.dim() == 2:
+        lora = lora.unsqueeze(0)
+    name = "qweight" if packed else "unpacked"
+    expected = {name: (n, k // 2 if packed else k), "wscales": (k // GROUP, n), "ascales": (k // GROUP, m),
+                "lora": (lora.shape[0], m, r)}
+    got = {name: weight.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
+    for what, shape in expected.items():
+        if tuple(got[what]) != shape:
+            raise ValueError(f"{kernel}: {what} has shape {tuple(got[what])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
+    return lora, (m, n, k, r)
+
+
 def w4a4_gemm(
     codes: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -282,17 +304,8 @@ def w4a4_gemm(
     BLOCK_M/BLOCK_N/GROUP_M/SPLIT_K/num_warps/num_stages instead of autotuning (tests, benchmark
     variants); ``out`` is the (M, N) buffer to write (tests poison it); ``timing_no_scales`` is a
     benchmark diagnostic that skips the per-group scaling and gives a wrong result."""
-    m, k = codes.shape
-    n = qweight.shape[0]
-    r = proj_up.shape[1]
-    if lora.dim() == 2:
-        lora = lora.unsqueeze(0)
+    lora, (m, n, k, r) = check_operands("W4A4 GEMM", codes, ascales, qweight, wscales, lora, proj_up)
     chunks = lora.shape[0]
-    expected = {"qweight": (n, k // 2), "wscales": (k // GROUP, n), "ascales": (k // GROUP, m), "lora": (chunks, m, r)}
-    got = {"qweight": qweight.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
-    for name, shape in expected.items():
-        if tuple(got[name]) != shape:
-            raise ValueError(f"W4A4 GEMM: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
     if dot not in DOT_KINDS:
         raise ValueError(f"W4A4 GEMM: dot must be one of {DOT_KINDS}, got {dot!r}")
     want = torch.float8_e4m3fn if dot == "fp8" else torch.int8

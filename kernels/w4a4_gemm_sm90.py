@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .block_scaled_gemm_sm90 import block_scaled_mm, tma_ready
+from .w4a4_gemm import GROUP, check_operands
 
-GROUP = 64
 MAX_RANK = 128
 
 
@@ -27,17 +27,9 @@ def w4a4_gemm_sm90(
 ) -> torch.Tensor:
     """Shapes as ``w4a4_gemm``: codes (M, K) and unpacked (N, K) e4m3, ascales (K/64, M) fp32,
     wscales (K/64, N), lora (C, M, R) or (M, R) fp32, proj_up (N, R)."""
-    m, k = codes.shape
-    n = unpacked.shape[0]
-    if lora.dim() == 3:
-        lora = lora.sum(dim=0) if lora.shape[0] > 1 else lora[0]
-    r = proj_up.shape[1]
-    expected = {"unpacked": (n, k), "wscales": (k // GROUP, n), "ascales": (k // GROUP, m), "lora": (m, r)}
-    got = {"unpacked": unpacked.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
-    for name, shape in expected.items():
-        if tuple(got[name]) != shape:
-            raise ValueError(f"W4A4 sm_90 GEMM: {name} has shape {tuple(got[name])}, expected {shape} "
-                             f"(M={m}, N={n}, K={k}, R={r})")
+    lora, (m, n, k, r) = check_operands("W4A4 sm_90 GEMM", codes, ascales, unpacked, wscales, lora, proj_up,
+                                        packed=False)
+    lora = lora.sum(dim=0) if lora.shape[0] > 1 else lora[0]
     if not accepts(codes, unpacked, proj_up):
         raise ValueError(f"W4A4 sm_90 GEMM: needs e4m3 codes and weight with 16-byte aligned rows, contiguous "
                          f"scales and R <= {MAX_RANK}; got {codes.dtype}/{unpacked.dtype}, R={r}")

@@ -38,12 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .w4a4_gemm import GROUP, check_operands
+
 try:  # programmatic dependent launch (Triton 3.6 has it); without it the GEMV launches plainly
     from triton.language.extra.cuda import gdc_wait
 except ImportError:  # pragma: no cover - older Triton
     gdc_wait = None
 
-GROUP = 64
 MAX_ROWS = 16
 # Rows per program: the activation words of each sit in registers beside the weight tile.
 # More rows take more programs over the same weight tile, launched next to each other so
@@ -197,21 +198,13 @@ def w4a4_gemv(
     (sm_90+) launches it as a programmatic dependent of the kernel before it on the stream
     (the quantizer, launched with ``config={"launch_dependents": True}``): it starts, and
     fetches its first weight tiles, while that kernel still runs."""
-    m, k = codes.shape
-    n = qweight.shape[0]
-    r = proj_up.shape[1]
-    if lora.dim() == 2:
-        lora = lora.unsqueeze(0)
-    chunks = lora.shape[0]
+    m = codes.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"W4A4 GEMV: at most {MAX_ROWS} rows, got M={m} (use w4a4_gemm)")
     if codes.dtype != torch.int8:
         raise ValueError(f"W4A4 GEMV: needs int8 activation codes (dp4a), got {codes.dtype}")
-    expected = {"qweight": (n, k // 2), "wscales": (k // GROUP, n), "ascales": (k // GROUP, m), "lora": (chunks, m, r)}
-    got = {"qweight": qweight.shape, "wscales": wscales.shape, "ascales": ascales.shape, "lora": lora.shape}
-    for name, shape in expected.items():
-        if tuple(got[name]) != shape:
-            raise ValueError(f"W4A4 GEMV: {name} has shape {tuple(got[name])}, expected {shape} (M={m}, N={n}, K={k}, R={r})")
+    lora, (m, n, k, r) = check_operands("W4A4 GEMV", codes, ascales, qweight, wscales, lora, proj_up)
+    chunks = lora.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     c = dict(config or default_tile(m, n))
