@@ -278,8 +278,8 @@ def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
     """16-byte aligned bases and row strides (what TMA reads), innermost stride 1."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.dim() < 2 or t.stride(0) * t.element_size() % 16 == 0)
-               for t in tensors)
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and (t.dim() < 2 or t.stride(0) * t.element_size() % 16 == 0) for t in tensors)
 
 
 def block_scaled_mm(
