@@ -129,31 +129,38 @@ def _produce(descs, smem, ready, empty, off_m, off_n, M, N, n_blocks):
 
 @gluon.jit
 def _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R: gl.constexpr, num_warps: gl.constexpr):
-    """``acc + lora @ up.T`` for the tile (lora fp32 (M, R), up (N, R) any float dtype): one
-    tf32 wgmma from shared memory accumulating into ``acc``, once per tile (about one K
-    block's worth of tensor-core work)."""
+    """``acc + lora @ up.T`` for the tile (lora fp32 (M, R), up (N, R) any float dtype): tf32
+    wgmmas from shared memory accumulating into ``acc``, RANK_STEP ranks at a time (a whole
+    rank-128 tile in registers spilled), once per tile."""
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
-    TR: gl.constexpr = BLOCK_R // 4
+    RANK_STEP: gl.constexpr = BLOCK_R if BLOCK_R < 32 else 32
+    TR: gl.constexpr = RANK_STEP // 4
     ld: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TR, TR], [num_warps, 1], [1, 0])
-    r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, ld))
+    r = gl.arange(0, RANK_STEP, layout=gl.SliceLayout(0, ld))
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
-    lora = gl.load(lora_ptr + rows[:, None].to(gl.int64) * R + r[None, :],
-                   mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
-    up = gl.load(up_ptr + cols[:, None].to(gl.int64) * R + r[None, :],
-                 mask=(cols[:, None] < N) & (r[None, :] < R), other=0.0).to(gl.float32)
     lora_smem = gl.allocate_shared_memory(
-        gl.float32, [BLOCK_M, BLOCK_R], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], gl.float32), lora)
+        gl.float32, [BLOCK_M, RANK_STEP], gl.NVMMASharedLayout.get_default_for([BLOCK_M, RANK_STEP], gl.float32))
     up_smem = gl.allocate_shared_memory(
-        gl.float32, [BLOCK_N, BLOCK_R], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], gl.float32), up)
-    fence_async_shared()
-    cta_barrier()
+        gl.float32, [BLOCK_N, RANK_STEP], gl.NVMMASharedLayout.get_default_for([BLOCK_N, RANK_STEP], gl.float32))
     tf32: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                    instr_shape=[16, BLOCK_N, 8])
     # fp32 operands run as tf32 (Triton's default input precision); the accumulator keeps
     # its registers (the two MMA layouts differ only in the instruction's K).
-    out = warpgroup_mma(lora_smem, up_smem.permute((1, 0)), gl.convert_layout(acc, tf32))
+    out = gl.convert_layout(acc, tf32)
+    for r0 in range(0, R, RANK_STEP):
+        rank = r0 + r
+        lora = gl.load(lora_ptr + rows[:, None].to(gl.int64) * R + rank[None, :],
+                       mask=(rows[:, None] < M) & (rank[None, :] < R), other=0.0)
+        up = gl.load(up_ptr + cols[:, None].to(gl.int64) * R + rank[None, :],
+                     mask=(cols[:, None] < N) & (rank[None, :] < R), other=0.0).to(gl.float32)
+        cta_barrier()  # the previous step's (synchronous) MMA has read both buffers
+        lora_smem.store(lora)
+        up_smem.store(up)
+        fence_async_shared()
+        cta_barrier()
+        out = warpgroup_mma(lora_smem, up_smem.permute((1, 0)), out)
     return gl.convert_layout(out, acc.type.layout)
 
 
