@@ -5,7 +5,8 @@
 # Python, ../shared/tools/peer-wheels.sh builds it) is unpacked to /tmp/site. Writes one file
 # per step into OUT_DIR; a failing step is recorded and the next one still runs. Budget: about
 # 25 minutes on an H100 in all; the device tool allows 10 minutes per call, so run it in parts,
-# e.g. STEPS="env tests experimental", then STEPS="int8 bnb4", then STEPS="w4a4 w4a4small block".
+# e.g. STEPS="env tests experimental", then STEPS="int8 bnb4 bnb4small", then
+# STEPS="w4a4 w4a4small block block_experimental".
 set -u
 out=${1:?usage: run_all_on_gpu.sh OUT_DIR [PEERS_TARBALL]}
 peers=${2:-.peers/site.tar.xz}
@@ -13,7 +14,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
-steps=${STEPS:-"env tests experimental int8 bnb4 bnb4small w4a4 w4a4small block"}
+steps=${STEPS:-"env tests experimental int8 bnb4 bnb4small w4a4 w4a4small block block_experimental"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -39,3 +40,5 @@ step bnb4small 240 env COMFY_LOWBIT_EXPERIMENTAL=1 python3 benchmarks/bench_bnb4
 step w4a4 300 python3 benchmarks/bench_w4a4.py
 step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'
 step block 240 python3 benchmarks/bench_block.py
+# The FLUX block again with the not-yet-measured kernels switched on: what they change end to end
+step block_experimental 240 env COMFY_LOWBIT_EXPERIMENTAL=1 python3 benchmarks/bench_block.py
