@@ -3,10 +3,11 @@
 #   bash benchmarks/run_all_on_gpu.sh OUT_DIR [PEERS_TARBALL]
 # Runs from the repository root. PEERS_TARBALL (bitsandbytes + comfy-kitchen for the machine's
 # Python, ../shared/tools/peer-wheels.sh builds it) is unpacked to /tmp/site. Writes one file
-# per step into OUT_DIR; a failing step is recorded and the next one still runs. Budget: about
-# 25 minutes on an H100 in all; the device tool allows 10 minutes per call, so run it in parts,
-# e.g. STEPS="env tests experimental", then STEPS="int8 bnb4 bnb4small", then
-# STEPS="w4a4 w4a4small block block_experimental".
+# per step into OUT_DIR; a failing step is recorded and the next one still runs. About 25
+# minutes on an H100 in all; the device tool allows 10 minutes per call, and every step's
+# timeout is at most 7 minutes, so run one or two steps per call, e.g. STEPS="env tests",
+# STEPS="experimental bnb4small", STEPS="int8", STEPS="bnb4 w4a4small", STEPS="w4a4",
+# STEPS="block block_experimental".
 set -u
 out=${1:?usage: run_all_on_gpu.sh OUT_DIR [PEERS_TARBALL]}
 peers=${2:-.peers/site.tar.xz}
