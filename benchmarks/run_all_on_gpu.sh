@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the package in one call, for a lent GPU machine:
+# Every GPU check and benchmark of the package, for a lent GPU machine:
 #   bash benchmarks/run_all_on_gpu.sh OUT_DIR [PEERS_TARBALL]
 # Runs from the repository root. PEERS_TARBALL (bitsandbytes + comfy-kitchen for the machine's
 # Python, ../shared/tools/peer-wheels.sh builds it) is unpacked to /tmp/site. Writes one file
