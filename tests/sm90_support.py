@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import mangle_type
@@ -49,3 +50,50 @@ def assert_async_and_unspilled(ptx: str) -> None:
     report = ptxas_report(ptx)
     assert "serialized" not in report, report
     assert " 0 bytes spill stores, 0 bytes spill loads" in report, report
+
+
+M, N = 300, 200  # odd sizes: partial tiles in both directions
+
+
+def block_scaled_build(dtype, block: int, n_blocks: int, rank: int, producer_warp: bool,
+                       out_dtype=torch.bfloat16, bias: bool = True):
+    """``(kernel, args, constexprs)`` of ``block_scaled_mm_kernel`` as ``block_scaled_mm`` would
+    launch it: int8 (``rank`` 0, int8_lodewise) or e4m3 operands (W4A4, with a low-rank term)."""
+    from triton.experimental.gluon import language as gl
+
+    from comfy_lowbit.kernels import block_scaled_gemm_sm90 as sm90
+
+    k = block * n_blocks
+    out = torch.zeros(M, N, dtype=out_dtype)
+    descs = sm90.descriptors(torch.zeros(M, k, dtype=dtype), torch.zeros(n_blocks, M), torch.zeros(N, k, dtype=dtype),
+                             torch.zeros(n_blocks, N), block)
+    rank_tile = max(16, triton.next_power_of_2(max(rank, 1)))
+    args = dict(zip(("a_desc", "w_desc", "sa_desc", "sw_desc"), descs), lora_ptr=torch.zeros(M, max(rank, 1)),
+                up_ptr=torch.zeros(N, max(rank, 1), dtype=out_dtype), bias_ptr=out, out_ptr=out, M=M, N=N, K=k,
+                R=rank, stride_om=N)
+    stages = sm90.default_stages(block, producer_warp, out.element_size(), rank_tile if rank else 0)
+    constexprs = dict(PART=gl.int32 if dtype == torch.int8 else gl.float32, HAS_BIAS=bias, LOW_RANK=bool(rank),
+                      BLOCK_R=rank_tile, STAGES=stages, GROUP_M=8, PRODUCER_WARP=producer_warp,
+                      num_warps=sm90.NUM_WARPS)
+    return sm90.block_scaled_mm_kernel, args, constexprs
+
+
+def bnb4_build(block: int, double_quant: bool, dtype, bias: bool = True):
+    """``(kernel, args, constexprs)`` of the NF4/FP4 Hopper GEMM as ``w4a16_matmul_sm90`` would
+    launch it."""
+    from comfy_lowbit.kernels import bnb4_gemm_sm90 as sm90
+
+    k = max(1024, 4 * block)
+    out = torch.zeros(M, N, dtype=dtype)
+    x_desc, p_desc = sm90.descriptors(torch.zeros(M, k, dtype=dtype), torch.zeros(N * k // 2, dtype=torch.uint8), N, k)
+    absmax = torch.zeros(N * k // block, dtype=torch.uint8 if double_quant else torch.float32)
+    args = dict(x_desc=x_desc, p_desc=p_desc, code_ptr=torch.zeros(16), absmax_ptr=absmax, nested_ptr=torch.zeros(8),
+                offset_ptr=torch.zeros(1), dyn_ptr=torch.zeros(256), bias_ptr=out, out_ptr=out, M=M, N=N, K=k,
+                stride_om=N)
+    constexprs = dict(QBLOCK=block, DOUBLE_QUANT=double_quant, HAS_BIAS=bias, STAGES=sm90.STAGES, GROUP_M=8,
+                      num_warps=sm90.NUM_WARPS)
+    return sm90._w4a16_sm90_kernel, args, constexprs
+
+
+def build_ptx(kernel, args, constexprs) -> str:
+    return compile_for_sm90(kernel, args, constexprs, constexprs["num_warps"]).asm["ptx"]

@@ -200,7 +200,7 @@ def test_quantize_midpoint_ties_bit_exact(quant_type):
 # ----------------------------------------------------------------------------- Hopper (Gluon)
 
 from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
-from sm90_support import assert_async_and_unspilled, compile_for_sm90, needs_gluon  # noqa: E402
+from sm90_support import assert_async_and_unspilled, bnb4_build, build_ptx, needs_gluon  # noqa: E402
 
 SM90 = KERNEL_DEVICE == "cuda" and hopper_with_gluon(torch.device(KERNEL_DEVICE))
 
@@ -210,20 +210,7 @@ SM90 = KERNEL_DEVICE == "cuda" and hopper_with_gluon(torch.device(KERNEL_DEVICE)
 def test_sm90_w4a16_compiles_for_hopper(double_quant, dtype):
     """CI has no GPU: build the Gluon kernel for sm_90 from a launch's arguments and check
     ptxas kept the wgmma asynchronous and spilled nothing."""
-    from comfy_lowbit.kernels import bnb4_gemm_sm90 as sm90
-
-    m, n, k, block = 300, 200, 1024, 64
-    x = torch.zeros(m, k, dtype=dtype)
-    packed = torch.zeros(n * k // 2, dtype=torch.uint8)
-    absmax = torch.zeros(n * k // block, dtype=torch.uint8 if double_quant else torch.float32)
-    out = torch.zeros(m, n, dtype=dtype)
-    x_desc, p_desc = sm90.descriptors(x, packed, n, k)
-    args = dict(x_desc=x_desc, p_desc=p_desc, code_ptr=torch.zeros(16), absmax_ptr=absmax, nested_ptr=torch.zeros(8),
-                offset_ptr=torch.zeros(1), dyn_ptr=torch.zeros(256), bias_ptr=out, out_ptr=out, M=m, N=n, K=k,
-                stride_om=n)
-    constexprs = dict(QBLOCK=block, DOUBLE_QUANT=double_quant, HAS_BIAS=True, STAGES=sm90.STAGES, GROUP_M=8,
-                      num_warps=sm90.NUM_WARPS)
-    ptx = compile_for_sm90(sm90._w4a16_sm90_kernel, args, constexprs, sm90.NUM_WARPS).asm["ptx"]
+    ptx = build_ptx(*bnb4_build(64, double_quant, dtype))
     assert ptx.count("wgmma.mma_async") >= 8 and "wgmma.wait_group.sync.aligned 1" in ptx
     assert_async_and_unspilled(ptx)
 
