@@ -18,9 +18,9 @@ Usage: python benchmarks/bench_w4a4.py [--quick] [--variants] [--shapes 3072x122
 
 ``--small-m``: the M <= 16 plans in CUDA graphs (what a sampler loop replays), on rotating
 copies of the weights (> 120 MB per replay, so no copy is still in L2): bf16 F.linear, our
-default plan (quantizer + split-K GEMM + memset + cast), and the dp4a GEMV plan
-(``COMFY_LOWBIT_EXPERIMENTAL=1``: quantizer + one GEMV), with the GEMV's parts timed alone
-and a sweep of its tiles at M=1.
+GEMM plan (quantizer + split-K GEMM + memset + cast) and the dp4a GEMV plan (quantizer + one
+GEMV; the dispatch takes it up to ``layouts.w4a4.GEMV_MAX_ROWS`` rows), with the GEMV's parts
+timed alone and a sweep of its tiles at M=1.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import importlib.metadata
 import math
-import os
 import platform
 import sys
 
@@ -124,12 +123,13 @@ def clone_weight(qt):
 
 
 def small_m_section(shapes, batches):
-    """bf16 vs our default plan vs the dp4a GEMV plan at M <= 16, CUDA graphs, rotating weights."""
+    """bf16 vs our GEMM plan (quantizer + GEMM) vs the dp4a GEMV plan at M <= 16, CUDA graphs,
+    rotating weights; the layout's ``GEMV_MAX_ROWS`` picks between them (the dispatch)."""
     print("\n## Small M in CUDA graphs (us per linear; weights rotated so none is in L2)")
-    print("| K | N | M | bf16 | ours default | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone | GEMV alone "
-          "| err GEMV vs default | eager bf16 / default / GEMV plan |")
+    print("| K | N | M | bf16 | ours GEMM plan | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone "
+          "| GEMV alone | err GEMV vs GEMM plan | eager bf16 / GEMM plan / GEMV plan |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    switch = os.environ.get("COMFY_LOWBIT_EXPERIMENTAL")
+    dispatch_rows = w4a4_layout.GEMV_MAX_ROWS
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
         qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
@@ -140,13 +140,13 @@ def small_m_section(shapes, batches):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 t_bf16 = graph_us([lambda w=w: F.linear(x, w, bias) for w in ws])
-                os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
+                w4a4_layout.GEMV_MAX_ROWS = 0
                 ref = F.linear(x, qt, bias).float()
                 t_def = graph_us([lambda q=q: F.linear(x, q, bias) for q in qts])
                 t_gemv = t_nopdl = err = t_q = t_k = e_gemv = float("nan")
                 e_bf16, e_def = median_us(lambda: F.linear(x, w, bias)), median_us(lambda: F.linear(x, qt, bias))
                 if m <= gemv_mod.MAX_ROWS:
-                    os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "1"
+                    w4a4_layout.GEMV_MAX_ROWS = gemv_mod.MAX_ROWS
                     err = rel(F.linear(x, qt, bias), ref.double())
                     e_gemv = median_us(lambda: F.linear(x, qt, bias))
                     t_gemv = guarded(lambda: graph_us([lambda q=q: F.linear(x, q, bias) for q in qts]))
@@ -158,7 +158,7 @@ def small_m_section(shapes, batches):
                     t_q = graph_us([lambda: quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)])
                     t_k = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2],
                                                                      q2._params.proj_up, bias, x.dtype) for q2 in qts])
-                os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = "0"
+                w4a4_layout.GEMV_MAX_ROWS = 0
             print(f"| {k} | {n} | {m} | {t_bf16:.1f} | {t_def:.1f} | {t_gemv:.1f} | {t_bf16 / t_gemv:.2f}x | {t_nopdl:.1f} | "
                   f"{t_q:.1f} | {t_k:.1f} | {err:.1e} | {e_bf16:.1f} / {e_def:.1f} / {e_gemv:.1f} |", flush=True)
         # Tile sweep of the GEMV alone (bytes: packed weight + scales; floor at 3.0 TB/s).
@@ -172,10 +172,7 @@ def small_m_section(shapes, batches):
                 t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
                                                                bias, x.dtype, config=dict(cfg)) for q2 in qts])
                 print(f"GEMV tile K={k} N={n} M={m} {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
-    if switch is None:
-        os.environ.pop("COMFY_LOWBIT_EXPERIMENTAL")
-    else:
-        os.environ["COMFY_LOWBIT_EXPERIMENTAL"] = switch
+    w4a4_layout.GEMV_MAX_ROWS = dispatch_rows
 
 
 # (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles

@@ -15,7 +15,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
-steps=${STEPS:-"env tests experimental int8 bnb4 bnb4small w4a4 w4a4small block block_experimental"}
+steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small w4a4 w4a4small block block_experimental"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -28,15 +28,18 @@ step() {  # name, timeout seconds, command...
 
 step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
 step tests 420 env COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
-# The layouts' dispatch with the not-yet-measured kernels switched on (the kernel tests above
-# already call those kernels directly).
+# The layouts' dispatch with the opt-in kernels switched on (kernels/experimental.py; the
+# kernel tests above already call those kernels directly).
 step experimental 300 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
     tests/test_layout_contract.py tests/test_bnb4_layout.py tests/test_int8_lodewise.py tests/test_w4a4_layout.py \
     tests/test_bnb4_kernels.py tests/test_w4a4_gemv.py
+# Which feature of the Hopper block-scaled GEMM faults, if one does (one process per case)
+step diag 120 python3 benchmarks/diag_sm90.py
+# (its w8a8_sm90_add / gemm_sm90_add columns time the opt-in I2F-free conversion)
 step int8 420 python3 benchmarks/bench_int8.py --variants 4096
 step bnb4 300 python3 benchmarks/bench_bnb4.py
 # The v5 register-LUT GEMV against v4 at 1-8 rows, with double-quantised absmax (the issue's case)
-step bnb4small 240 env COMFY_LOWBIT_EXPERIMENTAL=1 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 1,2,4,8 \
+step bnb4small 240 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 1,2,4,8 \
     --double-quant --paths gemv,gemv_lut --no-quantize
 step w4a4 300 python3 benchmarks/bench_w4a4.py
 step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'

@@ -52,23 +52,26 @@ PRODUCER_REGISTERS = gl.constexpr(40)  # the producer warp only computes coordin
 
 
 @gluon.jit
-def _load_block(descs, smem, ready, block, off_m, off_n, M, N, pred):
-    """TMA copies of one K block's operands and scales into its ring stage, on one barrier."""
+def _load_block(descs, smem, ready, block, off_m, off_n, sa_len, sw_len, pred, SCALES_TMA: gl.constexpr):
+    """TMA copies of one K block's operands (and scales, with SCALES_TMA) into its ring
+    stage, on one barrier."""
     a_desc, w_desc, sa_desc, sw_desc = descs
     a_smem, w_smem, sa_smem, sw_smem = smem
     stage = block % a_smem.shape[0]
     k = block * a_desc.block_type.shape[1]
     bar = ready.index(stage)
     nbytes: gl.constexpr = (a_desc.block_type.nbytes + w_desc.block_type.nbytes
-                            + sa_desc.block_type.nbytes + sw_desc.block_type.nbytes)
+                            + ((sa_desc.block_type.nbytes + sw_desc.block_type.nbytes) if SCALES_TMA else 0))
     mbarrier.expect(bar, nbytes, pred=pred)
     tma_load(a_desc, [off_m, k], bar, a_smem.index(stage), pred=pred)
     tma_load(w_desc, [off_n, k], bar, w_smem.index(stage), pred=pred)
-    # The scales are (K // B, M) and (K // B, N) row-major, read as flat vectors: a tile's
-    # rows past M (columns past N) read the next block's scales, which only multiply
-    # zero-filled operand rows and land in masked outputs.
-    tma_load(sa_desc, [block * M + off_m], bar, sa_smem.index(stage), pred=pred)
-    tma_load(sw_desc, [block * N + off_n], bar, sw_smem.index(stage), pred=pred)
+    if SCALES_TMA:
+        # The scales are (K // B, sa_len) and (K // B, sw_len) row-major, read as flat vectors
+        # (rows padded to 16 bytes: a 1-D TMA copy from an unaligned address is an illegal
+        # instruction). A tile's rows past M (columns past N) read padding or the next
+        # block's scales, which only multiply zero-filled operand rows and land in masked outputs.
+        tma_load(sa_desc, [block * sa_len + off_m], bar, sa_smem.index(stage), pred=pred)
+        tma_load(sw_desc, [block * sw_len + off_n], bar, sw_smem.index(stage), pred=pred)
 
 
 @gluon.jit
@@ -83,12 +86,28 @@ def _issue(smem, ready, block, partial):
 
 
 @gluon.jit
-def _rescale(acc, partial, smem, block, row_layout: gl.constexpr, col_layout: gl.constexpr):
-    """``acc + a_scale[m, block] * w_scale[n, block] * P_block``, and P_block in fp32."""
-    stage = block % smem[0].shape[0]
-    sa = smem[2].index(stage).load(row_layout)
-    sw = smem[3].index(stage).load(col_layout).to(gl.float32)
-    p = partial.to(gl.float32)
+def _rescale(acc, partial, smem, block, scale_ptrs, off_m, off_n, M, N, row_layout: gl.constexpr,
+             col_layout: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr):
+    """``acc + a_scale[m, block] * w_scale[n, block] * P_block``, and P_block in fp32. The
+    scales come from the ring stage (SCALES_TMA) or straight from global memory.
+
+    ADD_CONVERT (int32 partials): int32 -> fp32 by ``bitcast(P + 0x4B400000) - 2^23 - 2^22``
+    instead of I2F, which issues at 16 per SM per clock on sm_90 (a quarter of the FP32 rate)
+    and bounded the measured kernel. Exact, hence bit-identical, while |P| < 2^22: 8-bit
+    products over at most 256 columns are below 256 * 127 * 127 < 2^22."""
+    if SCALES_TMA:
+        stage = block % smem[0].shape[0]
+        sa = smem[2].index(stage).load(row_layout)
+        sw = smem[3].index(stage).load(col_layout).to(gl.float32)
+    else:
+        rows = off_m + gl.arange(0, acc.shape[0], layout=row_layout)
+        cols = off_n + gl.arange(0, acc.shape[1], layout=col_layout)
+        sa = gl.load(scale_ptrs[0] + block * scale_ptrs[2] + rows, mask=rows < M, other=0.0)
+        sw = gl.load(scale_ptrs[1] + block * scale_ptrs[3] + cols, mask=cols < N, other=0.0).to(gl.float32)
+    if ADD_CONVERT:
+        p = (partial + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+    else:
+        p = partial.to(gl.float32)
     # (p * sa) * sw rather than p * (sa * sw): the same two operations per element, but each
     # depends on p, so the compiler cannot hoist 64 scale products per thread above the wait
     # for the MMA (it did for fp32 partials, and spilled).
@@ -104,7 +123,8 @@ def _reuse(converted, PART: gl.constexpr):
 
 
 @gluon.jit
-def _release(descs, smem, ready, empty, retired, off_m, off_n, M, N, n_blocks, PRODUCER_WARP: gl.constexpr):
+def _release(descs, smem, ready, empty, retired, off_m, off_n, sa_len, sw_len, n_blocks, PRODUCER_WARP: gl.constexpr,
+             SCALES_TMA: gl.constexpr):
     """Block ``retired``'s MMA has finished in both warpgroups and its scales are read (the
     barrier): hand its stage back, to the producer warp (``empty``) or by loading block
     retired + STAGES into it here."""
@@ -113,18 +133,18 @@ def _release(descs, smem, ready, empty, retired, off_m, off_n, M, N, n_blocks, P
         mbarrier.arrive(empty.index(retired % smem[0].shape[0]), count=1)
     else:
         nxt = retired + smem[0].shape[0]
-        _load_block(descs, smem, ready, nxt, off_m, off_n, M, N, nxt < n_blocks)
+        _load_block(descs, smem, ready, nxt, off_m, off_n, sa_len, sw_len, nxt < n_blocks, SCALES_TMA)
 
 
 @gluon.jit
-def _produce(descs, smem, ready, empty, off_m, off_n, M, N, n_blocks):
+def _produce(descs, smem, ready, empty, off_m, off_n, sa_len, sw_len, n_blocks, SCALES_TMA: gl.constexpr):
     """The producer warp: load block b into stage b % STAGES once the consumers released it."""
     stages = smem[0].shape[0]
     for b in range(n_blocks):
         # A fresh barrier is in phase 0, so waiting for phase 1 passes: the first round of
         # stages is free.
         mbarrier.wait(empty.index(b % stages), ((b // stages) & 1) ^ 1)
-        _load_block(descs, smem, ready, b, off_m, off_n, M, N, True)
+        _load_block(descs, smem, ready, b, off_m, off_n, sa_len, sw_len, True, SCALES_TMA)
 
 
 @gluon.jit
@@ -165,9 +185,10 @@ def _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R: gl.cons
 
 
 @gluon.jit
-def _consume(descs, smem, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R, n_blocks,
-             stride_om, PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr, BLOCK_R: gl.constexpr,
-             PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
+             n_blocks, stride_om, PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr,
+             BLOCK_R: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr,
+             num_warps: gl.constexpr):
     """The MMA + rescale main loop over the K blocks, then the epilogue (bias, cast, store)."""
     BLOCK_M: gl.constexpr = smem[0].shape[1]
     BLOCK_N: gl.constexpr = smem[1].shape[1]
@@ -185,22 +206,29 @@ def _consume(descs, smem, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr, off
     for b in range(1, n_blocks - 1, 2):
         y_busy = _issue(smem, ready, b, y_free)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])  # block b-1
-        acc, x = _rescale(acc, x, smem, b - 1, row_layout, col_layout)
-        _release(descs, smem, ready, empty, b - 1, off_m, off_n, M, N, n_blocks, PRODUCER_WARP)
+        acc, x = _rescale(acc, x, smem, b - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
+                          ADD_CONVERT)
+        _release(descs, smem, ready, empty, b - 1, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
+                 SCALES_TMA)
         x_busy = _issue(smem, ready, b + 1, _reuse(x, PART))
         y = warpgroup_mma_wait(num_outstanding=1, deps=[y_busy])  # block b
-        acc, y = _rescale(acc, y, smem, b, row_layout, col_layout)
-        _release(descs, smem, ready, empty, b, off_m, off_n, M, N, n_blocks, PRODUCER_WARP)
+        acc, y = _rescale(acc, y, smem, b, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
+                          ADD_CONVERT)
+        _release(descs, smem, ready, empty, b, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
+                 SCALES_TMA)
         y_free = _reuse(y, PART)
     if n_blocks % 2 == 0:  # one odd block left: into Y
         y_busy = _issue(smem, ready, n_blocks - 1, y_free)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])
-        acc, x = _rescale(acc, x, smem, n_blocks - 2, row_layout, col_layout)
+        acc, x = _rescale(acc, x, smem, n_blocks - 2, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout,
+                          SCALES_TMA, ADD_CONVERT)
         y = warpgroup_mma_wait(num_outstanding=0, deps=[y_busy])
-        acc, y = _rescale(acc, y, smem, n_blocks - 1, row_layout, col_layout)
+        acc, y = _rescale(acc, y, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
+                          ADD_CONVERT)
     else:
         x = warpgroup_mma_wait(num_outstanding=0, deps=[x_busy])
-        acc, x = _rescale(acc, x, smem, n_blocks - 1, row_layout, col_layout)
+        acc, x = _rescale(acc, x, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
+                          ADD_CONVERT)
 
     if LOW_RANK:
         acc = _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R, num_warps)
@@ -209,9 +237,10 @@ def _consume(descs, smem, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr, off
 
 @gluon.jit
 def block_scaled_mm_kernel(
-    a_desc, w_desc, sa_desc, sw_desc, lora_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, stride_om,
+    a_desc, w_desc, sa_desc, sw_desc, sa_ptr, sw_ptr, sa_len, sw_len, lora_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, stride_om,
     PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """One 128x128 output tile per program. PRODUCER_WARP: one extra warp issues every TMA
     load (warp specialisation), so the MMA warps meet one barrier per block instead of one
@@ -225,6 +254,7 @@ def block_scaled_mm_kernel(
     n_blocks = K // QBLOCK
 
     descs = (a_desc, w_desc, sa_desc, sw_desc)
+    scale_ptrs = (sa_ptr, sw_ptr, sa_len, sw_len)  # the scale matrices and their row lengths
     smem = (
         gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, QBLOCK], a_desc.layout),
         gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, QBLOCK], w_desc.layout),
@@ -238,15 +268,17 @@ def block_scaled_mm_kernel(
         mbarrier.init(empty.index(s), count=1)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_consume, (descs, smem, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
-                        n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, num_warps)),
-            (_produce, (descs, smem, ready, empty, off_m, off_n, M, N, n_blocks)),
+            (_consume, (descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n,
+                        M, N, R, n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA,
+                        ADD_CONVERT, num_warps)),
+            (_produce, (descs, smem, ready, empty, off_m, off_n, sa_len, sw_len, n_blocks, SCALES_TMA)),
         ], [1], [PRODUCER_REGISTERS])
     else:
         for s in gl.static_range(STAGES):
-            _load_block(descs, smem, ready, s, off_m, off_n, M, N, s < n_blocks)
-        _consume(descs, smem, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R, n_blocks,
-                 stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, num_warps)
+            _load_block(descs, smem, ready, s, off_m, off_n, sa_len, sw_len, s < n_blocks, SCALES_TMA)
+        _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
+                 n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA, ADD_CONVERT,
+                 num_warps)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
@@ -283,6 +315,14 @@ def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, 
     return max(2, min(MAX_STAGES, (SMEM_FOR_STAGES - reserved) // stage_bytes))
 
 
+def rows_16_byte_aligned(scale_t: torch.Tensor) -> torch.Tensor:
+    """``scale_t`` (K/B, L), contiguous with L padded so every row starts 16-byte aligned, as
+    the scales' 1-D TMA copies need. The padding is never read into a used output; the copy
+    costs a few microseconds, only when L is not already a multiple of 16 bytes."""
+    pad = -scale_t.shape[1] % (16 // scale_t.element_size())
+    return torch.nn.functional.pad(scale_t, (0, pad)).contiguous() if pad else scale_t.contiguous()
+
+
 def tma_ready(*tensors: torch.Tensor) -> bool:
     """16-byte aligned bases and row strides (what TMA reads), innermost stride 1."""
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
@@ -292,26 +332,31 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 def block_scaled_mm(
     a: torch.Tensor, a_scale_t: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, block: int,
     bias: torch.Tensor | None, out: torch.Tensor, lora: torch.Tensor | None = None, up: torch.Tensor | None = None,
-    *, stages: int | None = None, group_m: int = 8, producer_warp: bool = False,
+    *, stages: int | None = None, group_m: int = 8, producer_warp: bool = False, scales_by_tma: bool = True,
+    add_convert: bool = False,
 ) -> torch.Tensor:
     """``out = sum_b a_scale * w_scale * P_b (+ lora @ up.T) (+ bias)`` (module doc).
 
     a (M, K) and w (N, K) 8-bit (int8, or both e4m3), a_scale_t (K/B, M) fp32 and w_scale_t
     (K/B, N) contiguous, lora (M, R) fp32 and up (N, R) contiguous; out (M, N). The format
     launchers check shapes and ``tma_ready``; this one only launches. ``stages`` defaults to
-    ``default_stages``.
+    ``default_stages``. ``add_convert``: the I2F-free int32 conversion (``_rescale``); int8 only,
+    blocks of at most 256.
     """
     m, k = a.shape
     n = w.shape[0]
     r = 0 if up is None else up.shape[1]
     rank_tile = max(16, triton.next_power_of_2(max(r, 1)))
+    a_scale_t, w_scale_t = rows_16_byte_aligned(a_scale_t), rows_16_byte_aligned(w_scale_t)
     stages = stages or default_stages(block, producer_warp, out.element_size(), rank_tile if lora is not None else 0)
     grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
     block_scaled_mm_kernel[grid](
-        *descriptors(a, a_scale_t, w, w_scale_t, block), out if lora is None else lora, out if up is None else up,
+        *descriptors(a, a_scale_t, w, w_scale_t, block), a_scale_t, w_scale_t, a_scale_t.shape[1], w_scale_t.shape[1],
+        out if lora is None else lora, out if up is None else up,
         bias if bias is not None else out, out, m, n, k, r, out.stride(0),
         PART=gl.int32 if a.dtype == torch.int8 else gl.float32,  # the MMA's result type
         HAS_BIAS=bias is not None, LOW_RANK=lora is not None, BLOCK_R=rank_tile,
-        STAGES=stages, GROUP_M=group_m, PRODUCER_WARP=producer_warp, num_warps=NUM_WARPS,
+        STAGES=stages, GROUP_M=group_m, PRODUCER_WARP=producer_warp, SCALES_TMA=scales_by_tma,
+        ADD_CONVERT=add_convert and a.dtype == torch.int8, num_warps=NUM_WARPS,
     )
     return out

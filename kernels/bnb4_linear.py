@@ -470,10 +470,8 @@ def _run_tuned(tuner, kernel, key: tuple, grid_of, args: tuple, meta: dict) -> N
 _CONSTANTS: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-# Largest M served by the GEMV (measured on the H100, see benchmarks/NOTES.md).
-GEMV_MAX_M = 1
-# The same for the v5 GEMV (opt-in, not yet measured): up to 8 rows, predicted from its SASS
-# to beat dequantize + cuBLAS there (benchmarks/NOTES.md, v5).
+# Largest M served by the v5 GEMV (``gemv_lut``): on the H100 it beat the v4 GEMV at 1-8 rows
+# on every FLUX shape and dequantize + cuBLAS up to 8 rows (benchmarks/NOTES.md, v5).
 GEMV_LUT_MAX_M = 8
 DEQUANT_BLOCK_BYTES = 1024
 
@@ -549,13 +547,10 @@ def _m_bucket(m: int) -> int:
 
 
 def choose_path(m: int) -> str:
-    """The path for M rows: the GEMV up to GEMV_MAX_M, dequantize + cuBLAS above. The fused
-    GEMM measured slower than dequantize + cuBLAS at every M >= 2 on the H100 (NOTES.md v3).
-    The v5 GEMV (``gemv_lut``, up to GEMV_LUT_MAX_M) is used only when opted into
-    (``experimental``)."""
-    if experimental_kernels_enabled() and m <= GEMV_LUT_MAX_M:
-        return "gemv_lut"
-    return "gemv" if m <= GEMV_MAX_M else "dequant_cublas"
+    """The path for M rows: the v5 GEMV up to GEMV_LUT_MAX_M, dequantize + cuBLAS above. The
+    fused GEMMs (portable and Hopper) measured slower than dequantize + cuBLAS at every
+    M >= 2 on the H100 (NOTES.md v3, v6)."""
+    return "gemv_lut" if m <= GEMV_LUT_MAX_M else "dequant_cublas"
 
 
 def bnb4_linear(
@@ -615,8 +610,9 @@ def bnb4_linear(
 _X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 
-# The Hopper fused GEMM (kernels/bnb4_gemm_sm90.py, opt-in until measured): where it has at
-# least this many 256 x 128 output tiles, about two waves on a 132-SM H100, so that no SMs idle.
+# The Hopper fused GEMM (kernels/bnb4_gemm_sm90.py; opt-in: the H100 measured it at about half
+# the speed of dequantize + cuBLAS, NOTES.md v6): where it has at least this many 256 x 128
+# output tiles, about two waves on a 132-SM H100, so that no SMs idle.
 SM90_MIN_TILES = 256
 
 
@@ -625,7 +621,7 @@ def _sm90_path(x2: torch.Tensor, w: Bnb4Weight) -> str | None:
     from .sm90 import sm90_kernels_enabled
 
     m, (n, k) = x2.shape[0], w.shape
-    if m < 512 or not sm90_kernels_enabled(x2.device):
+    if m < 512 or not experimental_kernels_enabled() or not sm90_kernels_enabled(x2.device):
         return None
     try:
         from . import bnb4_gemm_sm90

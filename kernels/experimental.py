@@ -1,10 +1,17 @@
-"""The one switch for kernels that have not yet run on a GPU: ``COMFY_LOWBIT_EXPERIMENTAL=1``.
+"""The one switch for kernels that are not (yet) the fastest measured choice:
+``COMFY_LOWBIT_EXPERIMENTAL=1``.
 
-Some kernels were written in a session with no GPU to run them on: compiled for the target
-and checked offline (interpreter where Triton has one, ptxas and the SASS where it does not),
-with GPU tests and benchmarks waiting. Until those have passed and shown a speed-up, the
-dispatch takes them only when this variable is ``1`` (read on every call, so a benchmark or
-test can flip it); otherwise the measured kernels run. NOTES.md says which kernels these are.
+Read on every call, so a benchmark or test can flip it. What it turns on (benchmarks/NOTES.md
+has each one's measurements):
+
+* the Hopper fused NF4/FP4 GEMM (``bnb4_gemm_sm90``): correct on the H100, but 0.37-0.51x
+  bf16 where dequantize + cuBLAS reaches 0.73-0.87x;
+* the single-launch split-K int8 GEMV (``int8_gemv`` FIXUP): correct, measured equal to the
+  default GEMV;
+* the I2F-free conversion in the Hopper int8 GEMM (``int8_gemm_sm90`` ``add_convert``):
+  exact, written after the H100 run that found I2F to be the bottleneck, not yet timed.
+
+Without it, the dispatch runs the kernels that measured fastest for each shape.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .block_scaled_gemm_sm90 import block_scaled_mm, tma_ready
+from .experimental import experimental_kernels_enabled
 from .int8_gemm import OUT_DTYPES, check_w8a8_operands
 
 SUPPORTED_BLOCKS = (64, 128)
@@ -16,17 +17,19 @@ SUPPORTED_BLOCKS = (64, 128)
 def accepts(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int) -> bool:
     """A served block size, TMA-readable int8 rows, and weight scales kept column-major (as
     the layout keeps them: the (K/B, N) matrix the kernel reads, transposed)."""
-    return (block_size in SUPPORTED_BLOCKS and w_scale.stride() == (1, w_q.shape[0])
+    return (block_size in SUPPORTED_BLOCKS and w_scale.t().is_contiguous()
             and tma_ready(a_q, w_q) and w_scale.data_ptr() % 16 == 0)
 
 
 def w8a8_matmul_sm90(
     a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *, group_m: int = 8,
-    stages: int | None = None, producer_warp: bool = False,
+    stages: int | None = None, producer_warp: bool = False, add_convert: bool | None = None,
 ) -> torch.Tensor:
     """``int8_gemm.w8a8_matmul`` on Hopper; the caller checks ``sm90.sm90_kernels_enabled``
-    and ``accepts``."""
+    and ``accepts``. ``add_convert``: convert the int32 block sums without I2F (exact; the
+    measured bottleneck, benchmarks/NOTES.md); default: only with COMFY_LOWBIT_EXPERIMENTAL=1
+    until an H100 has timed it."""
     m, n, _ = check_w8a8_operands(a_q, a_scale_t, w_q, w_scale, block_size)
     if not accepts(a_q, w_q, w_scale, block_size):
         raise ValueError(f"the sm_90 W8A8 kernel needs blocks {SUPPORTED_BLOCKS}, 16-byte aligned int8 rows and "
@@ -37,4 +40,5 @@ def w8a8_matmul_sm90(
     if m == 0:
         return out
     return block_scaled_mm(a_q, a_scale_t, w_q, w_scale.t(), block_size, bias, out,
-                           stages=stages, group_m=group_m, producer_warp=producer_warp)
+                           stages=stages, group_m=group_m, producer_warp=producer_warp,
+                           add_convert=experimental_kernels_enabled() if add_convert is None else add_convert)

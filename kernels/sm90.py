@@ -6,9 +6,12 @@ benchmarks/NOTES.md). They run only where all of these hold:
 
 * the tensor is on a CUDA device of compute capability 9.x (wgmma is sm_90a-only);
 * this Triton ships ``triton.experimental.gluon`` with the Hopper module;
-* ``COMFY_LOWBIT_EXPERIMENTAL=1`` is set (``experimental``): they were written in a session
-  with no GPU (compiled for sm_90 and checked with ptxas only; benchmarks/NOTES.md), so they
-  are opt-in until their GPU tests pass and an H100 measures the speed-up.
+* ``COMFY_LOWBIT_SM90`` is not ``0`` (the switch that sends everything to the portable
+  kernels, e.g. to compare them or to rule the Hopper kernels out of a bug report).
+
+Each caller adds its own rule (the shapes where the H100 measured a speed-up,
+benchmarks/README.md), and a kernel that measured no speed-up anywhere additionally needs
+``COMFY_LOWBIT_EXPERIMENTAL=1`` (``experimental``).
 
 Everything else (other GPUs, the interpreter, older Triton) uses the portable kernels, which
 compute the same math.
@@ -20,8 +23,6 @@ import logging
 import os
 
 import torch
-
-from .experimental import experimental_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ def hopper_with_gluon(device: torch.device) -> bool:
     return _capability(index)[0] == 9 and gluon_importable()
 
 
+SWITCH = "COMFY_LOWBIT_SM90"
+
+
 def sm90_kernels_enabled(device: torch.device) -> bool:
-    """Whether a tensor on ``device`` should take the Hopper Gluon kernels."""
-    return experimental_kernels_enabled() and hopper_with_gluon(device)
+    """Whether a tensor on ``device`` may take the Hopper Gluon kernels."""
+    return os.environ.get(SWITCH, "1") != "0" and hopper_with_gluon(device)
 
 
 _UNBUILDABLE: set[str] = set()

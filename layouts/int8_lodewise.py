@@ -168,7 +168,9 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         return out.reshape(*x.shape[:-1], n)
 
 
-SM90_MIN_M = 512  # below, the Hopper kernel's fixed 128-row tiles would mostly multiply padding
+# From this many rows the Hopper kernel: on the H100 it beat the portable one at 4096 rows on
+# every FLUX shape (by 6-24 %) but lost on two of four at 1024 (benchmarks/NOTES.md, int8 v5).
+SM90_MIN_M = 4096
 
 
 def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):

@@ -40,9 +40,7 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
-from ..kernels.experimental import experimental_kernels_enabled
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
-from ..kernels.w4a4_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
 from .base import LowBitLayout, format_error
@@ -57,6 +55,12 @@ _SUFFIXES = ("", "_scale", "_proj_down", "_proj_up", "_smooth_factor")
 # From this many input rows on, expand the weight to 8-bit codes once per call and run the
 # streaming GEMM (benchmarks/NOTES.md, W4A4: the fused in-register unpack loses there).
 UNPACK_MIN_ROWS = 256
+# Up to this many rows the dp4a GEMV plan: on the H100, in CUDA graphs, it beat the GEMM path
+# at 1 and 2 rows on every FLUX shape and lost from 4 (benchmarks/NOTES.md, W4A4 GEMV v4).
+GEMV_MAX_ROWS = 2
+# The Hopper GEMM from this much work (M * N * K): on the H100 it beat the portable GEMM on
+# every measured call this large (1.06-1.39x) and lost below, at M=1024, K=N=3072.
+SM90_MIN_WORK = 1024 * 3072 * 12288
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,21 +262,22 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            # The dp4a GEMV (one launch after the quantizer) is opt-in until measured on a GPU.
-            if x2d.shape[0] <= GEMV_MAX_ROWS and experimental_kernels_enabled():
+            if x2d.shape[0] <= GEMV_MAX_ROWS:
                 return _gemv_linear(x2d, qweight, p, bias, x.dtype).reshape(*x.shape[:-1], n)
             dot = _dot_kind(x.device)
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
             unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
             out = None
-            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+            hopper_sized = unpacked is not None and x2d.shape[0] * n * k >= SM90_MIN_WORK
+            if hopper_sized and _sm90_takes(codes, unpacked, p.proj_up):
                 from ..kernels.sm90 import run_sm90
 
                 def hopper():
                     from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
 
-                    return w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype)
+                    return w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype,
+                                          producer_warp=True)  # 1.3-1.5x faster than without, where served
 
                 out = run_sm90("W4A4 GEMM", hopper)
             if out is None:
@@ -303,8 +308,8 @@ def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params,
 
 
 def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
-    """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs; opt-in with
-    ``COMFY_LOWBIT_EXPERIMENTAL=1`` until measured) serves this streaming-path call."""
+    """Whether the Hopper GEMM (group rescales overlapped with the fp8 MMAs) serves this
+    streaming-path call."""
     from ..kernels.sm90 import sm90_kernels_enabled
 
     if not sm90_kernels_enabled(codes.device):

@@ -300,6 +300,19 @@ def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, p
 
 
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
+@pytest.mark.parametrize("block", (64, 128))
+def test_sm90_add_convert_is_bit_identical(block):
+    """The I2F-free conversion of the int32 block sums is exact: the same bits as I2F."""
+    from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
+
+    w_q, w_s = _weight(264, 5 * block, block, seed=5)
+    q, scale_t = _quantize_on_device(outlier_matrix(300, 5 * block, seed=6, scale=25.0).to(torch.bfloat16), block)
+    plain = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, None, torch.float32, add_convert=False)
+    added = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, None, torch.float32, add_convert=True)
+    assert torch.isfinite(plain).all() and torch.equal(plain, added)
+
+
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
 def test_sm90_w8a8_propagates_nan_and_refuses_what_tma_cannot_read():
     from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
 
@@ -321,17 +334,18 @@ def test_sm90_w8a8_propagates_nan_and_refuses_what_tma_cannot_read():
 @needs_gluon
 @pytest.mark.parametrize("enabled,block,scale_layout,expected", [
     ("1", 128, "column", "sm90"), ("1", 64, "column", "sm90"), ("0", 128, "column", "portable"),
-    (None, 128, "column", "portable"), ("1", 256, "column", "portable"), ("1", 128, "row", "portable"),
+    (None, 128, "column", "sm90"), ("1", 256, "column", "portable"), ("1", 128, "row", "portable"),
 ])
 def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypatch, enabled, block, scale_layout, expected):
-    """The dispatch rule on the CPU: the calls are recorded, not run."""
+    """The dispatch rule on the CPU (the calls are recorded, not run): on by default, off with
+    COMFY_LOWBIT_SM90=0, and only for the blocks and scale layout the kernel reads."""
     from comfy_lowbit.kernels import int8_gemm_sm90
     from comfy_lowbit.layouts import int8_lodewise
 
     if enabled is None:
-        monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL", raising=False)
+        monkeypatch.delenv(sm90.SWITCH, raising=False)
     else:
-        monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", enabled)
+        monkeypatch.setenv(sm90.SWITCH, enabled)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
@@ -347,7 +361,7 @@ def test_small_batches_stay_on_the_portable_kernel(monkeypatch):
     from comfy_lowbit.kernels import int8_gemm_sm90
     from comfy_lowbit.layouts import int8_lodewise
 
-    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    monkeypatch.delenv(sm90.SWITCH, raising=False)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     calls = []
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")

@@ -49,7 +49,7 @@ def test_int8_lodewise_falls_back_to_the_portable_gemm(monkeypatch):
     from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference
     from comfy_lowbit.layouts import int8_lodewise
 
-    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    monkeypatch.delenv(sm90.SWITCH, raising=False)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", _unbuildable)
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: "portable")

@@ -205,12 +205,15 @@ def test_gemv_on_gpu_flux_sizes(m, k, n):
 @pytest.mark.skipif(not ON_GPU, reason="the layout takes the kernel path only on a GPU")
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 17])
 def test_layout_gemv_dispatch_on_gpu(rows, monkeypatch):
-    """COMFY_LOWBIT_EXPERIMENTAL=1 sends up to 16 rows to the GEMV; 17 rows take the GEMM."""
+    """Up to ``GEMV_MAX_ROWS`` rows (2) take the GEMV plan, more the GEMM; raised to the GEMV
+    kernel's own limit (16) here so that every row count it serves runs through the layout."""
     from comfy_kitchen.tensor import QuantizedTensor
 
+    from comfy_lowbit.kernels.w4a4_gemv import MAX_ROWS
+    from comfy_lowbit.layouts import w4a4
     from comfy_lowbit.layouts.w4a4 import w4a4_linear_reference
 
-    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    monkeypatch.setattr(w4a4, "GEMV_MAX_ROWS", MAX_ROWS)
     w = (outlier_matrix(320, 768, seed=3, scale=4.0) / 768**0.5).to(torch.bfloat16).cuda()
     qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=32)
     x = (outlier_matrix(rows, 768, seed=4, scale=20.0)).to(torch.bfloat16).cuda()

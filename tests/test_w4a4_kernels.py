@@ -59,15 +59,16 @@ def test_pack_unpack_round_trip_all_nibbles():
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_quantize_matches_reference(m, k, r, dtype, unsigned):
     x = _activation(m, k, seed=m + k, dtype=dtype)
-    smooth = (torch.rand(k) + 0.5).to(dtype).to(KERNEL_DEVICE)
-    down = (torch.randn(k, r) / 8).to(dtype).to(KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(m * k + r)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(dtype).to(KERNEL_DEVICE)
+    down = (torch.randn(k, r, generator=g) / 8).to(dtype).to(KERNEL_DEVICE)
     codes, ascales, lora = quantize_activations(x, smooth, down, unsigned, out=_poisoned_quant_buffers(m, k, r), chunks=k // 64)
     ref_codes, ref_scales, ref_lora = quantize_activations_reference(x, smooth, down, unsigned)
     got = natural_group_order(codes).int()
     diff = (got - ref_codes.int()).abs()
     assert got.abs().max() <= 15, "an unwritten code (poison 127) survived"
-    if ON_GPU:
-        assert diff.max() <= 1 and diff.float().mean() < 1e-3
+    if ON_GPU:  # the GPU's division may round a value at a code boundary the other way
+        assert diff.max() <= 1 and (diff > 0).sum() <= max(2, diff.numel() // 1000)
     else:
         assert torch.equal(got, ref_codes.int())
     assert torch.isfinite(ascales).all() and torch.allclose(ascales, ref_scales, rtol=1e-6, atol=0)
@@ -94,8 +95,8 @@ def test_quantize_variants_match_reference(config, unsigned):
     got = natural_group_order(codes).int()
     assert got.abs().max() <= 15, "an unwritten code (poison 127) survived"
     diff = (got - ref_codes.int()).abs()
-    if ON_GPU:
-        assert diff.max() <= 1 and diff.float().mean() < 1e-3
+    if ON_GPU:  # the GPU's division may round a value at a code boundary the other way
+        assert diff.max() <= 1 and (diff > 0).sum() <= max(2, diff.numel() // 1000)
     else:
         assert torch.equal(got, ref_codes.int())
     assert torch.isfinite(ascales).all() and torch.allclose(ascales, ref_scales, rtol=1e-6 if not ON_GPU else 1e-5, atol=0)
@@ -239,13 +240,19 @@ def test_sm90_gemm_matches_reference(m, n, k, r, out_dtype, producer_warp):
     ref = w4a4_gemm_reference(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
     # Exact group sums, fp32 scaling, tf32 low-rank term; bf16/fp16: one output rounding.
     tol = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 8e-3}[out_dtype]
-    assert out.dtype == out_dtype and relative_error(out, ref) < tol
+    assert out.dtype == out_dtype
+    # Rank 128 on these inputs reaches 1.2e5: fp16 must overflow to inf exactly there, and
+    # only there (NaN is never an overflow).
+    overflow = ref.to(out_dtype).isinf()
+    assert torch.equal(out.isinf(), overflow) and not out.isnan().any()
+    assert relative_error(out[~overflow], ref[~overflow]) < tol
 
 
 @pytest.mark.skipif(not __import__("comfy_lowbit.kernels.sm90", fromlist=["x"]).gluon_importable(),
                     reason="this Triton has no Gluon Hopper API")
 def test_layout_takes_the_hopper_gemm_only_when_enabled(monkeypatch):
-    """The dispatch rule on the CPU (nothing is launched): opt-in, e4m3 operands."""
+    """The dispatch rule on the CPU (nothing is launched): on unless COMFY_LOWBIT_SM90=0, e4m3
+    operands only."""
     from comfy_lowbit.kernels import sm90
     from comfy_lowbit.layouts import w4a4 as layout
 
@@ -253,8 +260,8 @@ def test_layout_takes_the_hopper_gemm_only_when_enabled(monkeypatch):
     unpacked = torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
     up = torch.zeros(64, 32)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
-    monkeypatch.setenv("COMFY_LOWBIT_EXPERIMENTAL", "1")
+    monkeypatch.delenv(sm90.SWITCH, raising=False)
     assert layout._sm90_takes(codes, unpacked, up)
     assert not layout._sm90_takes(codes.view(torch.int8), unpacked.view(torch.int8), up)  # int8 MMA plan
-    monkeypatch.delenv("COMFY_LOWBIT_EXPERIMENTAL")
+    monkeypatch.setenv(sm90.SWITCH, "0")
     assert not layout._sm90_takes(codes, unpacked, up)
