@@ -17,8 +17,6 @@ Methods:
 * ``w8a8_sm90`` ours on Hopper: the same quantization + the Gluon GEMM that overlaps each
   block's rescale with the next block's MMA (kernels/int8_gemm_sm90.py);
 * ``gemm_sm90`` that GEMM alone on pre-quantized activations (where the time goes);
-* ``w8a8_sm90_add`` / ``gemm_sm90_add``: the same with the I2F-free conversion of the int32
-  block sums (``add_convert``, opt-in until measured);
 * ``w8a16``     ours weight-only (GEMV for M <= 4, tensor-core W8A16 above);
 * ``gemv_fixup`` M=1: the GEMV with its K slices summed in the same launch (experimental);
 * ``ours``      what ``F.linear`` on our QuantizedTensor dispatches to.
@@ -31,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import platform
 import sys
 import time
@@ -141,17 +138,15 @@ def make_methods(w, bias):
         return [lambda q_=q_: w8a8_matmul(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
                 for q_ in ours_copies(copies)]
 
-    def w8a8_sm90(x, copies, add_convert=False):
+    def w8a8_sm90(x, copies):
         from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
-        return [lambda q_=q_: w8a8_matmul_sm90(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype,
-                                               add_convert=add_convert)
+        return [lambda q_=q_: w8a8_matmul_sm90(*quantize_rows(x, BLOCK), q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
                 for q_ in ours_copies(copies)]
 
-    def gemm_sm90(x, copies, add_convert=False):
+    def gemm_sm90(x, copies):
         from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
         a_q, a_scale_t = quantize_rows(x, BLOCK)
-        return [lambda q_=q_: w8a8_matmul_sm90(a_q, a_scale_t, q_._qdata, q_._params.scale, BLOCK, bias, x.dtype,
-                                               add_convert=add_convert)
+        return [lambda q_=q_: w8a8_matmul_sm90(a_q, a_scale_t, q_._qdata, q_._params.scale, BLOCK, bias, x.dtype)
                 for q_ in ours_copies(copies)]
 
     def w8a16(x, copies):
@@ -173,9 +168,6 @@ def make_methods(w, bias):
     if hopper_with_gluon(w.device):
         methods["w8a8_sm90"] = (w8a8_sm90, int8_bytes, "int8")
         methods["gemm_sm90"] = (gemm_sm90, int8_bytes, "int8")
-        # The I2F-free conversion of the block sums (opt-in until timed here)
-        methods["w8a8_sm90_add"] = (functools.partial(w8a8_sm90, add_convert=True), int8_bytes, "int8")
-        methods["gemm_sm90_add"] = (functools.partial(gemm_sm90, add_convert=True), int8_bytes, "int8")
     methods["w8a16"] = (w8a16, int8_bytes, "w8a16")
     methods["gemv_fixup"] = (gemv_fixup, int8_bytes, "w8a16")
     methods["ours"] = (dispatched, int8_bytes, "int8")

@@ -178,7 +178,7 @@ def small_m_section(shapes, batches):
 # (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles
 # that break the kernel's layout rule still run (slower: shared memory in the loop).
 GEMV_TILES = {
-    1: ((16, 4, 4), (8, 8, 4), (16, 4, 2), (8, 4, 2), (4, 8, 1), (32, 2, 4)),
+    1: ((8, 8, 4), (16, 4, 4), (16, 4, 2), (8, 4, 2), (4, 8, 1), (32, 2, 4)),
     8: ((64, 1, 4), (32, 1, 4), (32, 1, 2), (128, 1, 8), (16, 1, 1)),
 }
 

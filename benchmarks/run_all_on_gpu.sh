@@ -35,7 +35,6 @@ step experimental 300 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 py
     tests/test_bnb4_kernels.py tests/test_w4a4_gemv.py
 # Which feature of the Hopper block-scaled GEMM faults, if one does (one process per case)
 step diag 120 python3 benchmarks/diag_sm90.py
-# (its w8a8_sm90_add / gemm_sm90_add columns time the opt-in I2F-free conversion)
 step int8 420 python3 benchmarks/bench_int8.py --variants 4096
 step bnb4 300 python3 benchmarks/bench_bnb4.py
 # The v5 register-LUT GEMV against v4 at 1-8 rows, with double-quantised absmax (the case)

@@ -87,14 +87,9 @@ def _issue(smem, ready, block, partial):
 
 @gluon.jit
 def _rescale(acc, partial, smem, block, scale_ptrs, off_m, off_n, M, N, row_layout: gl.constexpr,
-             col_layout: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr):
+             col_layout: gl.constexpr, SCALES_TMA: gl.constexpr):
     """``acc + a_scale[m, block] * w_scale[n, block] * P_block``, and P_block in fp32. The
-    scales come from the ring stage (SCALES_TMA) or straight from global memory.
-
-    ADD_CONVERT (int32 partials): int32 -> fp32 by ``bitcast(P + 0x4B400000) - 2^23 - 2^22``
-    instead of I2F, which issues at 16 per SM per clock on sm_90 (a quarter of the FP32 rate)
-    and bounded the measured kernel. Exact, hence bit-identical, while |P| < 2^22: 8-bit
-    products over at most 256 columns are below 256 * 127 * 127 < 2^22."""
+    scales come from the ring stage (SCALES_TMA) or straight from global memory."""
     if SCALES_TMA:
         stage = block % smem[0].shape[0]
         sa = smem[2].index(stage).load(row_layout)
@@ -104,10 +99,7 @@ def _rescale(acc, partial, smem, block, scale_ptrs, off_m, off_n, M, N, row_layo
         cols = off_n + gl.arange(0, acc.shape[1], layout=col_layout)
         sa = gl.load(scale_ptrs[0] + block * scale_ptrs[2] + rows, mask=rows < M, other=0.0)
         sw = gl.load(scale_ptrs[1] + block * scale_ptrs[3] + cols, mask=cols < N, other=0.0).to(gl.float32)
-    if ADD_CONVERT:
-        p = (partial + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
-    else:
-        p = partial.to(gl.float32)
+    p = partial.to(gl.float32)
     # (p * sa) * sw rather than p * (sa * sw): the same two operations per element, but each
     # depends on p, so the compiler cannot hoist 64 scale products per thread above the wait
     # for the MMA (it did for fp32 partials, and spilled).
@@ -187,8 +179,7 @@ def _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R: gl.cons
 @gluon.jit
 def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
              n_blocks, stride_om, PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr,
-             BLOCK_R: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr,
-             num_warps: gl.constexpr):
+             BLOCK_R: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, num_warps: gl.constexpr):
     """The MMA + rescale main loop over the K blocks, then the epilogue (bias, cast, store)."""
     BLOCK_M: gl.constexpr = smem[0].shape[1]
     BLOCK_N: gl.constexpr = smem[1].shape[1]
@@ -206,14 +197,12 @@ def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, 
     for b in range(1, n_blocks - 1, 2):
         y_busy = _issue(smem, ready, b, y_free)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])  # block b-1
-        acc, x = _rescale(acc, x, smem, b - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
-                          ADD_CONVERT)
+        acc, x = _rescale(acc, x, smem, b - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
         _release(descs, smem, ready, empty, b - 1, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
                  SCALES_TMA)
         x_busy = _issue(smem, ready, b + 1, _reuse(x, PART))
         y = warpgroup_mma_wait(num_outstanding=1, deps=[y_busy])  # block b
-        acc, y = _rescale(acc, y, smem, b, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
-                          ADD_CONVERT)
+        acc, y = _rescale(acc, y, smem, b, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
         _release(descs, smem, ready, empty, b, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
                  SCALES_TMA)
         y_free = _reuse(y, PART)
@@ -221,14 +210,12 @@ def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, 
         y_busy = _issue(smem, ready, n_blocks - 1, y_free)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])
         acc, x = _rescale(acc, x, smem, n_blocks - 2, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout,
-                          SCALES_TMA, ADD_CONVERT)
+                          SCALES_TMA)
         y = warpgroup_mma_wait(num_outstanding=0, deps=[y_busy])
-        acc, y = _rescale(acc, y, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
-                          ADD_CONVERT)
+        acc, y = _rescale(acc, y, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
     else:
         x = warpgroup_mma_wait(num_outstanding=0, deps=[x_busy])
-        acc, x = _rescale(acc, x, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA,
-                          ADD_CONVERT)
+        acc, x = _rescale(acc, x, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
 
     if LOW_RANK:
         acc = _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R, num_warps)
@@ -239,8 +226,7 @@ def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, 
 def block_scaled_mm_kernel(
     a_desc, w_desc, sa_desc, sw_desc, sa_ptr, sw_ptr, sa_len, sw_len, lora_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, stride_om,
     PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, ADD_CONVERT: gl.constexpr,
-    num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, num_warps: gl.constexpr,
 ):
     """One 128x128 output tile per program. PRODUCER_WARP: one extra warp issues every TMA
     load (warp specialisation), so the MMA warps meet one barrier per block instead of one
@@ -270,15 +256,14 @@ def block_scaled_mm_kernel(
         gl.warp_specialize([
             (_consume, (descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n,
                         M, N, R, n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA,
-                        ADD_CONVERT, num_warps)),
+                        num_warps)),
             (_produce, (descs, smem, ready, empty, off_m, off_n, sa_len, sw_len, n_blocks, SCALES_TMA)),
         ], [1], [PRODUCER_REGISTERS])
     else:
         for s in gl.static_range(STAGES):
             _load_block(descs, smem, ready, s, off_m, off_n, sa_len, sw_len, s < n_blocks, SCALES_TMA)
         _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
-                 n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA, ADD_CONVERT,
-                 num_warps)
+                 n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA, num_warps)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
@@ -333,15 +318,13 @@ def block_scaled_mm(
     a: torch.Tensor, a_scale_t: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, block: int,
     bias: torch.Tensor | None, out: torch.Tensor, lora: torch.Tensor | None = None, up: torch.Tensor | None = None,
     *, stages: int | None = None, group_m: int = 8, producer_warp: bool = False, scales_by_tma: bool = True,
-    add_convert: bool = False,
 ) -> torch.Tensor:
     """``out = sum_b a_scale * w_scale * P_b (+ lora @ up.T) (+ bias)`` (module doc).
 
     a (M, K) and w (N, K) 8-bit (int8, or both e4m3), a_scale_t (K/B, M) fp32 and w_scale_t
     (K/B, N) contiguous, lora (M, R) fp32 and up (N, R) contiguous; out (M, N). The format
     launchers check shapes and ``tma_ready``; this one only launches. ``stages`` defaults to
-    ``default_stages``. ``add_convert``: the I2F-free int32 conversion (``_rescale``); int8 only,
-    blocks of at most 256.
+    ``default_stages``.
     """
     m, k = a.shape
     n = w.shape[0]
@@ -357,6 +340,6 @@ def block_scaled_mm(
         PART=gl.int32 if a.dtype == torch.int8 else gl.float32,  # the MMA's result type
         HAS_BIAS=bias is not None, LOW_RANK=lora is not None, BLOCK_R=rank_tile,
         STAGES=stages, GROUP_M=group_m, PRODUCER_WARP=producer_warp, SCALES_TMA=scales_by_tma,
-        ADD_CONVERT=add_convert and a.dtype == torch.int8, num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out

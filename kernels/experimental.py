@@ -7,9 +7,7 @@ has each one's measurements):
 * the Hopper fused NF4/FP4 GEMM (``bnb4_gemm_sm90``): correct on the H100, but 0.37-0.51x
   bf16 where dequantize + cuBLAS reaches 0.73-0.87x;
 * the single-launch split-K int8 GEMV (``int8_gemv`` FIXUP): correct, measured equal to the
-  default GEMV;
-* the I2F-free conversion in the Hopper int8 GEMM (``int8_gemm_sm90`` ``add_convert``):
-  exact, written after the H100 run that found I2F to be the bottleneck, not yet timed.
+  default GEMV.
 
 Without it, the dispatch runs the kernels that measured fastest for each shape.
 """

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from .block_scaled_gemm_sm90 import block_scaled_mm, tma_ready
-from .experimental import experimental_kernels_enabled
 from .int8_gemm import OUT_DTYPES, check_w8a8_operands
 
 SUPPORTED_BLOCKS = (64, 128)
@@ -24,12 +23,10 @@ def accepts(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_s
 def w8a8_matmul_sm90(
     a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *, group_m: int = 8,
-    stages: int | None = None, producer_warp: bool = False, add_convert: bool | None = None,
+    stages: int | None = None, producer_warp: bool = False,
 ) -> torch.Tensor:
     """``int8_gemm.w8a8_matmul`` on Hopper; the caller checks ``sm90.sm90_kernels_enabled``
-    and ``accepts``. ``add_convert``: convert the int32 block sums without I2F (exact; the
-    measured bottleneck, benchmarks/NOTES.md); default: only with COMFY_LOWBIT_EXPERIMENTAL=1
-    until an H100 has timed it."""
+    and ``accepts``."""
     m, n, _ = check_w8a8_operands(a_q, a_scale_t, w_q, w_scale, block_size)
     if not accepts(a_q, w_q, w_scale, block_size):
         raise ValueError(f"the sm_90 W8A8 kernel needs blocks {SUPPORTED_BLOCKS}, 16-byte aligned int8 rows and "
@@ -40,5 +37,4 @@ def w8a8_matmul_sm90(
     if m == 0:
         return out
     return block_scaled_mm(a_q, a_scale_t, w_q, w_scale.t(), block_size, bias, out,
-                           stages=stages, group_m=group_m, producer_warp=producer_warp,
-                           add_convert=experimental_kernels_enabled() if add_convert is None else add_convert)
+                           stages=stages, group_m=group_m, producer_warp=producer_warp)

@@ -178,11 +178,13 @@ def default_tile(m: int, n: int) -> dict:
     """BLOCK_N x GROUPS = 64 groups per tile, two tiles per iteration (4 warps: one 16-byte
     load of 4 words per thread and tile). The layout rule (BLOCK_M*GROUPS*8 and
     BLOCK_N*GROUPS under the 128 threads) sets GROUPS = 8 / BLOCK_M at most: (16, 4) at one
-    or two rows ((8, 8) when N is narrow: more programs), (32, 2) at 4 rows, (64, 1) at 8.
+    or two rows, (32, 2) at 4 rows, (64, 1) at 8; (8, 8) at one row, which the H100 sweep
+    measured fastest or within 3% on every FLUX shape (12.2 against 14.1 us for (16, 4) at
+    3072 x 12288, 15.6 against 28.1 at 12288 x 3072; results/w4a4-small-m-h100-2026-11-23.txt).
     SASS for sm_90 (Triton 3.6): LDG.E.128 weight loads, no BAR.SYNC or shared memory in the
     loop, no spills, 40-94 registers (benchmarks/NOTES.md, W4A4 v4)."""
     rows = block_rows(m)
-    if rows == 1 and triton.cdiv(n, 16) < 600:
+    if rows == 1:
         return {"BLOCK_N": 8, "GROUPS": 8, "num_warps": 4}
     groups = min(4, 8 // rows)
     return {"BLOCK_N": 64 // groups, "GROUPS": groups, "num_warps": 4}

@@ -56,8 +56,7 @@ M, N = 300, 200  # odd sizes: partial tiles in both directions
 
 
 def block_scaled_build(dtype, block: int, n_blocks: int, rank: int, producer_warp: bool,
-                       out_dtype=torch.bfloat16, bias: bool = True, scales_by_tma: bool = True,
-                       add_convert: bool = False):
+                       out_dtype=torch.bfloat16, bias: bool = True, scales_by_tma: bool = True):
     """``(kernel, args, constexprs)`` of ``block_scaled_mm_kernel`` as ``block_scaled_mm`` would
     launch it: int8 (``rank`` 0, int8_lodewise) or e4m3 operands (W4A4, with a low-rank term)."""
     from triton.experimental.gluon import language as gl
@@ -75,8 +74,7 @@ def block_scaled_build(dtype, block: int, n_blocks: int, rank: int, producer_war
     stages = sm90.default_stages(block, producer_warp, out.element_size(), rank_tile if rank else 0)
     constexprs = dict(PART=gl.int32 if dtype == torch.int8 else gl.float32, HAS_BIAS=bias, LOW_RANK=bool(rank),
                       BLOCK_R=rank_tile, STAGES=stages, GROUP_M=8, PRODUCER_WARP=producer_warp,
-                      SCALES_TMA=scales_by_tma, ADD_CONVERT=add_convert and dtype == torch.int8,
-                      num_warps=sm90.NUM_WARPS)
+                      SCALES_TMA=scales_by_tma, num_warps=sm90.NUM_WARPS)
     return sm90.block_scaled_mm_kernel, args, constexprs
 
 
