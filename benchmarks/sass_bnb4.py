@@ -92,9 +92,11 @@ def variants():
     """(name, jit, signature, constexprs, multiple-of-16 args, num_warps): bf16 x, NF4, block 64."""
     for rows in (1, 2, 4):
         for bn, kb, warps in lin._GEMV_LUT_TILES:
-            yield (f"gemv_lut rows={rows} BLOCK_N={bn} KB={kb} warps={warps} (double quant)", lin._bnb4_gemv_lut_kernel,
-                   GEMV_SIG, dict(QBLOCK=64, ROWS=rows, BLOCK_N=bn, KB=kb, X_KIND=0, HAS_BIAS=False, DOUBLE_QUANT=True,
-                                  LUT=1, EVEN=True), GEMV_16, warps)
+            for prefetch in (False, True):
+                yield (f"gemv_lut rows={rows} BLOCK_N={bn} KB={kb} warps={warps}{' PREFETCH' if prefetch else ''} "
+                       "(double quant)", lin._bnb4_gemv_lut_kernel, GEMV_SIG,
+                       dict(QBLOCK=64, ROWS=rows, BLOCK_N=bn, KB=kb, X_KIND=0, HAS_BIAS=False, DOUBLE_QUANT=True,
+                            LUT=1, EVEN=True, PREFETCH=prefetch), GEMV_16, warps)
     yield ("gemv v4 BLOCK_N=16 CHUNKS=2 PAIR PREFETCH (fp32 absmax)", lin._bnb4_gemv_kernel,
            V4_SIG, dict(QBLOCK=64, SUB=64, CHUNKS=2, BLOCK_N=16, X_KIND=0, HAS_BIAS=False, DOUBLE_QUANT=False,
                         PAIR=True, PREFETCH=True), ["xp_ptr", "packed_ptr", "absmax_ptr", "out_ptr", "K", "stride_xpm"], 4)

@@ -219,6 +219,7 @@ def _bnb4_gemv_lut_kernel(
     DOUBLE_QUANT: tl.constexpr,
     LUT: tl.constexpr,  # 0: codebook gather (interpreter, fp32 x), 1: NF4 register LUT, 2: FP4 register LUT
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the row's chunks % KB == 0: no masks on the weight
+    PREFETCH: tl.constexpr = False,  # load step i+1's weight chunks before decoding step i
 ):
     """v5 GEMV: ROWS rows of x (program axis 1) against BLOCK_N rows of W.
 
@@ -254,13 +255,20 @@ def _bnb4_gemv_lut_kernel(
     acc1 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    if PREFETCH:
+        byte_next = _weight_chunks(packed_ptr, byte_off, 0, n_ok, chunk, num_chunks, EVEN)
     for c0 in range(0, num_chunks, KB):
         c_ok = (c0 + chunk) < num_chunks
         tile_ok = n_ok[:, None, None] & c_ok[None, :, None]
-        if EVEN:
-            byte = tl.load(packed_ptr + byte_off + c0 * 16)
+        if PREFETCH:
+            # On the H100 the v5 loop ran at about issue + DRAM time added (16 us at
+            # 3072x12288): with only 3 steps per program nothing overlapped the first load.
+            byte = byte_next
+            # past the last step: EVEN wraps to the first chunks (read, never used)
+            nxt = (c0 + KB) % num_chunks if EVEN else c0 + KB
+            byte_next = _weight_chunks(packed_ptr, byte_off, nxt, n_ok, chunk, num_chunks, EVEN)
         else:
-            byte = tl.load(packed_ptr + byte_off + c0 * 16, mask=tile_ok, other=0)
+            byte = _weight_chunks(packed_ptr, byte_off, c0, n_ok, chunk, num_chunks, EVEN)
         if LUT == 0:
             w_hi, w_lo = _decode(code_ptr, code_ptr, byte, False)
         else:
@@ -284,6 +292,15 @@ def _bnb4_gemv_lut_kernel(
             _store_row(out_ptr, bias_ptr, acc2, row0 + 2, offs_n, n_ok, stride_om, HAS_BIAS)
         if row0 + 3 < M:
             _store_row(out_ptr, bias_ptr, acc3, row0 + 3, offs_n, n_ok, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _weight_chunks(packed_ptr, byte_off, c0, n_ok, chunk, num_chunks, EVEN: tl.constexpr):
+    """The (BLOCK_N, KB, 16) packed bytes of chunks c0.. (zeros past the tile's rows/chunks)."""
+    if EVEN:
+        return tl.load(packed_ptr + byte_off + c0 * 16)
+    ok = n_ok[:, None, None] & ((c0 + chunk) < num_chunks)[None, :, None]
+    return tl.load(packed_ptr + byte_off + c0 * 16, mask=ok, other=0)
 
 
 @triton.jit
@@ -425,7 +442,8 @@ _GEMV_LUT_TILES = [(4, 32, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 64, 8), 
 
 
 def _gemv_lut_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "KB": kb}, num_warps=w) for bn, kb, w in _GEMV_LUT_TILES]
+    return [triton.Config({"BLOCK_N": bn, "KB": kb, "PREFETCH": pf}, num_warps=w)
+            for bn, kb, w in _GEMV_LUT_TILES for pf in (False, True)]
 
 
 # EVEN (no masks) whenever the tile divides the shape: the masked loads cost a register
@@ -449,7 +467,7 @@ else:
 # Without autotuning (interpreter, COMFY_LOWBIT_AUTOTUNE=0) these fixed settings are used.
 # (the interpreter runs programs one after another: few, large ones keep CI fast)
 _FIXED_GEMV = {"BLOCK_N": 64 if INTERPRET else 16, "CHUNKS": 4 if INTERPRET else 2, "PAIR": True, "PREFETCH": True}
-_FIXED_GEMV_LUT = {"BLOCK_N": 32, "KB": 8} if INTERPRET else {"BLOCK_N": 8, "KB": 32}
+_FIXED_GEMV_LUT = {"BLOCK_N": 32 if INTERPRET else 8, "KB": 8 if INTERPRET else 32, "PREFETCH": False}
 _FIXED_MATMUL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "PAIR": False}
 _BEST: dict[tuple, triton.Config] = {}
 

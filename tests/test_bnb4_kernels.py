@@ -106,6 +106,23 @@ def test_gemv_without_prefetch(monkeypatch):
     check_linear(x, weight, None, "gemv", torch.float16)
 
 
+@pytest.mark.parametrize("n,k,m,quant_type", [(192, 512, 1, "nf4"), (37, 384, 3, "fp4"), (192, 512, 6, "nf4")])
+def test_gemv_lut_with_prefetch(monkeypatch, n, k, m, quant_type):
+    """The v5 GEMV's prefetching variant (an autotune candidate) on the fixed-config path:
+    even tiles (the next step's load wraps past the last one) and masked ones, one to two
+    row groups, more than one step per program."""
+    import comfy_lowbit.kernels.bnb4_linear as lin
+
+    if lin.AUTOTUNE:
+        pytest.skip("runs with COMFY_LOWBIT_AUTOTUNE=0 or the interpreter")
+    monkeypatch.setitem(lin._FIXED_GEMV_LUT, "PREFETCH", True)
+    assert k // 32 > lin._FIXED_GEMV_LUT["KB"], "the loop must take several steps"
+    weight = make_weight(n, k, quant_type, True, seed=n + k)
+    x = outlier_matrix(m, k, seed=m + 80).to(KERNEL_DEVICE, torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(81)).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, bias, "gemv_lut", torch.bfloat16)
+
+
 def test_gemv_lut_even_tiles_through_the_dispatch():
     """The v5 GEMV where its tile divides the shape (the unmasked EVEN variant: N = 192 rows,
     K = 512 = 16 chunks of 16 bytes) with 1, 2 and 4 rows of x per program, reached through
