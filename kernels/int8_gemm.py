@@ -38,15 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastest import m_bucket, tuning_enabled
 from .tiling import grouped_tile_ids
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def m_bucket(m: int) -> int:
-    """Autotune key for M: the next power of two, capped, so new batch sizes reuse a tuning."""
-    return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
 # ----------------------------------------------------------------------------- references
@@ -239,7 +235,7 @@ PLAIN_W8A16 = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 4}
 def autotuning() -> bool:
     """Autotune on the GPU unless ``COMFY_LOWBIT_AUTOTUNE=0`` (GPU test runs: one compile per
     specialization instead of one per candidate tile); never under the interpreter."""
-    return not INTERPRETING and os.environ.get("COMFY_LOWBIT_AUTOTUNE", "1") != "0"
+    return tuning_enabled()
 
 
 def fixed_config(plain: dict, tiles: list) -> dict:

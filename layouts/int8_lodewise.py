@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
+from ..kernels.fastest import m_bucket
 from ..kernels.int8_gemm import w8a8_matmul, w8a16_matmul
 from ..kernels.int8_gemv import w8a16_gemv
 from ..kernels.int8_quant import BLOCK_SIZES, dequantize_blockwise_reference, quantize_blockwise_reference, quantize_rows
@@ -168,28 +169,44 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         return out.reshape(*x.shape[:-1], n)
 
 
-# From this many rows the Hopper kernel: on the H100 it beat the portable one at 4096 rows on
-# every FLUX shape (by 6-24 %) but lost on two of four at 1024 (benchmarks/NOTES.md, int8 v5).
-SM90_MIN_M = 4096
+# The Hopper kernel is a candidate from SM90_MIN_M rows (below, its 128-row tiles are mostly
+# padding) and, where the candidates are not timed (``fastest``), the choice from
+# SM90_DEFAULT_M rows: on the H100 it beat the portable kernel at 4096 rows on every FLUX
+# shape (by 6-24 %) but at 1024 on only two of four (benchmarks/NOTES.md, int8 version 3).
+SM90_MIN_M = 1024
+SM90_DEFAULT_M = 4096
 
 
 def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
-    """The Hopper kernel (rescales overlapped with the MMAs) where it applies, else the
-    portable one; both compute the same sums (kernels/int8_gemm*.py)."""
+    """The fastest of the portable kernel and the Hopper one (rescales overlapped with the
+    MMAs; with or without its producer warp) for this shape, timed on the first call
+    (``fastest``); all compute the same sums (kernels/int8_gemm*.py)."""
+    from ..kernels.fastest import fastest
     from ..kernels.sm90 import run_sm90, sm90_kernels_enabled
 
-    if a_q.shape[0] >= SM90_MIN_M and sm90_kernels_enabled(a_q.device):
-        def hopper():
-            from ..kernels import int8_gemm_sm90
+    def portable():
+        return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
 
-            if not int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
-                return None
-            return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype)
+    m = a_q.shape[0]
+    if m < SM90_MIN_M or not sm90_kernels_enabled(a_q.device):
+        return portable()
+    from ..kernels import int8_gemm_sm90
 
-        out = run_sm90("int8_lodewise W8A8", hopper)
-        if out is not None:
+    if not int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
+        return portable()
+
+    def hopper(producer_warp):
+        return run_sm90("int8_lodewise W8A8", int8_gemm_sm90.w8a8_matmul_sm90, a_q, a_scale_t, w_q, w_scale, block,
+                        bias, out_dtype, producer_warp=producer_warp)
+
+    candidates = {"portable": portable, "sm90": lambda: hopper(False), "sm90_producer": lambda: hopper(True)}
+    key = ("int8_lodewise W8A8", m_bucket(m), *w_q.shape, block, out_dtype, bias is not None, a_q.device)
+    choice = fastest(key, candidates, default="sm90" if m >= SM90_DEFAULT_M else "portable")
+    if choice != "portable":
+        out = candidates[choice]()
+        if out is not None:  # None: a Hopper kernel this Triton cannot build
             return out
-    return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
+    return portable()
 
 
 # ---------------------------------------------------------------------- checks

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
+from ..kernels.fastest import m_bucket
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
 from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
@@ -58,8 +59,9 @@ UNPACK_MIN_ROWS = 256
 # Up to this many rows the dp4a GEMV plan: on the H100, in CUDA graphs, it beat the GEMM path
 # at 1 and 2 rows on every FLUX shape and lost from 4 (benchmarks/NOTES.md, W4A4 GEMV v4).
 GEMV_MAX_ROWS = 2
-# The Hopper GEMM from this much work (M * N * K): on the H100 it beat the portable GEMM on
-# every measured call this large (1.06-1.39x) and lost below, at M=1024, K=N=3072.
+# Where the candidates are not timed (kernels/fastest.py), the Hopper GEMM from this much work
+# (M * N * K): on the H100 it beat the portable GEMM on every measured call this large
+# (1.06-1.39x) and lost below, at M=1024, K=N=3072.
 SM90_MIN_WORK = 1024 * 3072 * 12288
 
 
@@ -268,21 +270,15 @@ class W4A4Layout(LowBitLayout):
             code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
             codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
             unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
-            out = None
-            hopper_sized = unpacked is not None and x2d.shape[0] * n * k >= SM90_MIN_WORK
-            if hopper_sized and _sm90_takes(codes, unpacked, p.proj_up):
-                from ..kernels.sm90 import run_sm90
 
-                def hopper():
-                    from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+            def portable():
+                return w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
+                                 unpacked=unpacked)
 
-                    return w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, x.dtype,
-                                          producer_warp=True)  # 1.3-1.5x faster than without, where served
-
-                out = run_sm90("W4A4 GEMM", hopper)
-            if out is None:
-                out = w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
-                                unpacked=unpacked)
+            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+                out = _fastest_streaming_gemm(portable, codes, ascales, unpacked, p, lora, bias, x.dtype)
+            else:
+                out = portable()
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
@@ -305,6 +301,29 @@ def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params,
                                                 chunks=lora_chunks(m, k, p.proj_down.shape[1]), codes_dtype=torch.int8,
                                                 config={"launch_dependents": pdl})
     return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
+
+
+def _fastest_streaming_gemm(portable, codes, ascales, unpacked, p: W4A4Layout.Params, lora, bias, dtype):
+    """The fastest of the portable GEMM and the Hopper one (with or without its producer warp)
+    for this shape, timed on the first call (``kernels/fastest.py``); untimed, the H100 rule:
+    the Hopper GEMM with its producer warp from SM90_MIN_WORK."""
+    from ..kernels.fastest import fastest
+    from ..kernels.sm90 import run_sm90
+    from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+
+    def hopper(producer_warp):
+        return run_sm90("W4A4 GEMM", w4a4_gemm_sm90, codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, dtype,
+                        producer_warp=producer_warp)
+
+    m, (n, k) = codes.shape[0], p.orig_shape
+    candidates = {"portable": portable, "sm90": lambda: hopper(False), "sm90_producer": lambda: hopper(True)}
+    key = ("W4A4 GEMM", m_bucket(m), n, k, p.proj_up.shape[1], dtype, bias is not None, codes.device)
+    choice = fastest(key, candidates, default="sm90_producer" if m * n * k >= SM90_MIN_WORK else "portable")
+    if choice != "portable":
+        out = candidates[choice]()
+        if out is not None:  # None: a Hopper kernel this Triton cannot build
+            return out
+    return portable()
 
 
 def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:

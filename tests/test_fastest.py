@@ -1,0 +1,107 @@
+"""``kernels/fastest.py``: the first call for a key times the candidates, later calls take the
+winner; untimed (interpreter, COMFY_LOWBIT_AUTOTUNE=0) each caller's measured rule applies.
+Checked on the CPU with a stand-in clock, and through the int8_lodewise and W4A4 dispatch
+with recorded (not run) kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_lowbit.kernels import fastest as fastest_module
+from comfy_lowbit.kernels import sm90
+from comfy_lowbit.kernels.fastest import fastest
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Timing on, no earlier winners, and a clock that reads each candidate's listed time."""
+    monkeypatch.setattr(fastest_module, "_WINNERS", {})
+    monkeypatch.setattr(fastest_module, "tuning_enabled", lambda: True)
+    clock = {}
+    monkeypatch.setattr(fastest_module, "_median_ms", lambda launch: clock[launch()])
+    return clock
+
+
+def test_the_fastest_candidate_wins_once_per_key(timed):
+    runs = []
+
+    def candidate(name):
+        def launch():
+            runs.append(name)
+            return name
+        return launch
+
+    timed.update(a=3.0, b=1.0, c=2.0)
+    candidates = {name: candidate(name) for name in "abc"}
+    assert fastest(("k", 1), candidates, default="a") == "b"
+    timed_runs = len(runs)
+    assert fastest(("k", 1), candidates, default="a") == "b"
+    assert len(runs) == timed_runs, "a known key is not timed again"
+    timed.update(a=0.5)
+    assert fastest(("k", 2), candidates, default="c") == "a", "each key is timed on its own"
+
+
+def test_candidates_that_decline_are_not_timed(timed):
+    timed.update(fast=1.0)
+    declined = {"slow": lambda: None, "fast": lambda: "fast"}
+    assert fastest(("decline",), declined, default="slow") == "fast"
+    assert fastest(("none",), {"x": lambda: None}, default="x") == "x"
+
+
+def test_untimed_the_default_applies_and_nothing_runs(monkeypatch):
+    monkeypatch.setattr(fastest_module, "_WINNERS", {})
+    monkeypatch.setenv("COMFY_LOWBIT_AUTOTUNE", "0")
+    assert fastest(("off",), {"a": pytest.fail, "b": pytest.fail}, default="b") == "b"
+    monkeypatch.delenv("COMFY_LOWBIT_AUTOTUNE")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastest(("off",), {"a": pytest.fail}, default="a") == "a"
+
+
+def test_errors_propagate(timed):
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError):
+        fastest(("broken",), {"a": broken}, default="a")
+
+
+@pytest.mark.skipif(not sm90.gluon_importable(), reason="this Triton has no Gluon Hopper API")
+@pytest.mark.parametrize("times,expected", [
+    ({"portable": 1.0, "sm90": 2.0, "sm90_producer": 3.0}, ("portable", None)),
+    ({"portable": 3.0, "sm90": 2.0, "sm90_producer": 1.0}, ("sm90", True)),
+    ({"portable": 3.0, "sm90": 1.0, "sm90_producer": 2.0}, ("sm90", False)),
+])
+def test_int8_lodewise_takes_the_timed_winner(timed, monkeypatch, times, expected):
+    """From SM90_MIN_M rows (below SM90_DEFAULT_M, where the untimed rule says portable)."""
+    from comfy_lowbit.kernels import int8_gemm_sm90
+    from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference
+    from comfy_lowbit.layouts import int8_lodewise
+
+    monkeypatch.delenv(sm90.SWITCH, raising=False)
+    monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90",
+                        lambda *a, producer_warp, **k: ("sm90", producer_warp))
+    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: ("portable", None))
+    timed.update({("portable", None): times["portable"], ("sm90", False): times["sm90"],
+                  ("sm90", True): times["sm90_producer"]})
+    w_q, w_s = quantize_blockwise_reference(torch.randn(64, 256), 128)
+    a_q, a_s = quantize_blockwise_reference(torch.randn(int8_lodewise.SM90_MIN_M, 256), 128)
+    out = int8_lodewise._w8a8(a_q, a_s.t().contiguous(), w_q, int8_lodewise.column_major(w_s), 128, None,
+                              torch.bfloat16)
+    assert out == expected
+
+
+@pytest.mark.skipif(not sm90.gluon_importable(), reason="this Triton has no Gluon Hopper API")
+def test_w4a4_takes_the_timed_winner(timed, monkeypatch):
+    from comfy_lowbit.kernels import w4a4_gemm_sm90
+    from comfy_lowbit.layouts import w4a4
+
+    monkeypatch.setattr(w4a4_gemm_sm90, "w4a4_gemm_sm90", lambda *a, producer_warp, **k: ("sm90", producer_warp))
+    timed.update({("portable",): 2.0, ("sm90", False): 1.0, ("sm90", True): 3.0})
+    params = w4a4.W4A4Layout.Params(scale=torch.zeros(2, 64), orig_dtype=torch.bfloat16, orig_shape=(64, 128),
+                                    proj_down=torch.zeros(128, 32), proj_up=torch.zeros(64, 32),
+                                    smooth_factor=torch.ones(128))
+    codes = torch.zeros(256, 128, dtype=torch.float8_e4m3fn)
+    out = w4a4._fastest_streaming_gemm(lambda: ("portable",), codes, torch.zeros(2, 256), codes[:64], params,
+                                       torch.zeros(256, 32), None, torch.bfloat16)
+    assert out == ("sm90", False)
