@@ -105,3 +105,41 @@ def test_w4a4_takes_the_timed_winner(timed, monkeypatch):
     out = w4a4._fastest_streaming_gemm(lambda: ("portable",), codes, torch.zeros(2, 256), codes[:64], params,
                                        torch.zeros(256, 32), None, torch.bfloat16)
     assert out == ("sm90", False)
+
+
+def test_w4a4_quantizer_runs_the_timed_configuration(timed, monkeypatch):
+    """From TUNE_MIN_ROWS rows the quantizer times its TUNED_CONFIGS once per shape and runs
+    the winner; every candidate gives the reference's codes and scales."""
+    from comfy_lowbit.kernels import w4a4_quantize as wq
+    from comfy_lowbit.kernels.w4a4_quantize import natural_group_order
+
+    winner = "32 rows, 8 warps"
+    monkeypatch.setattr(fastest_module, "_median_ms",
+                        lambda launch: 1.0 if launch.keywords["config"] == wq.TUNED_CONFIGS[winner] else 2.0)
+    seen = []
+    launch = wq.w4a4_quantize_kernel
+    monkeypatch.setattr(wq, "w4a4_quantize_kernel", _Recorder(launch, seen))
+    g = torch.Generator().manual_seed(3)
+    m, k, r = wq.TUNE_MIN_ROWS, 128, 8
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    smooth, down = torch.rand(k, generator=g) + 0.5, torch.randn(k, r, generator=g) / 8
+    codes, ascales, lora = wq.quantize_activations(x, smooth, down)
+    ref_codes, ref_scales, ref_lora = wq.quantize_activations_reference(x, smooth, down)
+    assert seen[-1] == 32, "the last launch (the returned result) used the winner's 32-row tile"
+    assert len(seen) == len(wq.TUNED_CONFIGS) + 1
+    assert torch.equal(natural_group_order(codes), ref_codes.to(codes.dtype))
+    assert torch.allclose(ascales, ref_scales, rtol=1e-6, atol=0)
+    assert torch.allclose(lora.sum(0), ref_lora, rtol=1e-4, atol=1e-5)
+
+
+class _Recorder:
+    """A kernel stand-in that records each launch's BLOCK_M and launches the real kernel."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["BLOCK_M"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
