@@ -567,7 +567,7 @@ def _m_bucket(m: int) -> int:
 def choose_path(m: int) -> str:
     """The path for M rows: the v5 GEMV up to GEMV_LUT_MAX_M, dequantize + cuBLAS above. The
     fused GEMMs (portable and Hopper) measured slower than dequantize + cuBLAS at every
-    M >= 2 on the H100 (NOTES.md v3, v6)."""
+    M >= 2 on the H100 (NOTES.md: v3, and the v5 Hopper GEMM)."""
     return "gemv_lut" if m <= GEMV_LUT_MAX_M else "dequant_cublas"
 
 
@@ -629,7 +629,7 @@ _X_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), to
 
 
 # The Hopper fused GEMM (kernels/bnb4_gemm_sm90.py; opt-in: the H100 measured it at about half
-# the speed of dequantize + cuBLAS, NOTES.md v6): where it has at least this many 256 x 128
+# the speed of dequantize + cuBLAS, NOTES.md v5 Hopper): where it has at least this many 256 x 128
 # output tiles, about two waves on a 132-SM H100, so that no SMs idle.
 SM90_MIN_TILES = 256
 

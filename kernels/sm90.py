@@ -77,3 +77,23 @@ def run_sm90(name: str, launch, *args, **kwargs):
         logger.warning("comfy_lowbit: the sm_90 kernel %s does not build with this Triton (%s: %s); "
                        "using the portable kernel", name, type(exc).__name__, str(exc).splitlines()[0][:200])
         return None
+
+
+def fastest_of_portable_and_hopper(name: str, key: tuple, portable, hopper, default: str):
+    """The output of the fastest of ``portable()``, ``hopper(producer_warp=False)`` and
+    ``hopper(producer_warp=True)`` for ``key`` (timed on its first call, ``fastest``; untimed,
+    ``default``: "portable", "sm90" or "sm90_producer"). A Hopper kernel this Triton cannot
+    build (``run_sm90``) leaves the portable one."""
+    from .fastest import fastest
+
+    candidates = {
+        "portable": portable,
+        "sm90": lambda: run_sm90(name, hopper, producer_warp=False),
+        "sm90_producer": lambda: run_sm90(name, hopper, producer_warp=True),
+    }
+    choice = fastest(key, candidates, default)
+    if choice != "portable":
+        out = candidates[choice]()
+        if out is not None:
+            return out
+    return portable()

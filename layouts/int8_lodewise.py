@@ -181,8 +181,7 @@ def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
     """The fastest of the portable kernel and the Hopper one (rescales overlapped with the
     MMAs; with or without its producer warp) for this shape, timed on the first call
     (``fastest``); all compute the same sums (kernels/int8_gemm*.py)."""
-    from ..kernels.fastest import fastest
-    from ..kernels.sm90 import run_sm90, sm90_kernels_enabled
+    from ..kernels.sm90 import fastest_of_portable_and_hopper, sm90_kernels_enabled
 
     def portable():
         return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
@@ -196,17 +195,12 @@ def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
         return portable()
 
     def hopper(producer_warp):
-        return run_sm90("int8_lodewise W8A8", int8_gemm_sm90.w8a8_matmul_sm90, a_q, a_scale_t, w_q, w_scale, block,
-                        bias, out_dtype, producer_warp=producer_warp)
+        return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype,
+                                               producer_warp=producer_warp)
 
-    candidates = {"portable": portable, "sm90": lambda: hopper(False), "sm90_producer": lambda: hopper(True)}
     key = ("int8_lodewise W8A8", m_bucket(m), *w_q.shape, block, out_dtype, bias is not None, a_q.device)
-    choice = fastest(key, candidates, default="sm90" if m >= SM90_DEFAULT_M else "portable")
-    if choice != "portable":
-        out = candidates[choice]()
-        if out is not None:  # None: a Hopper kernel this Triton cannot build
-            return out
-    return portable()
+    return fastest_of_portable_and_hopper("int8_lodewise W8A8", key, portable, hopper,
+                                          default="sm90" if m >= SM90_DEFAULT_M else "portable")
 
 
 # ---------------------------------------------------------------------- checks

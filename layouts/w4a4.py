@@ -307,23 +307,17 @@ def _fastest_streaming_gemm(portable, codes, ascales, unpacked, p: W4A4Layout.Pa
     """The fastest of the portable GEMM and the Hopper one (with or without its producer warp)
     for this shape, timed on the first call (``kernels/fastest.py``); untimed, the H100 rule:
     the Hopper GEMM with its producer warp from SM90_MIN_WORK."""
-    from ..kernels.fastest import fastest
-    from ..kernels.sm90 import run_sm90
-    from ..kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
+    from ..kernels import w4a4_gemm_sm90
+    from ..kernels.sm90 import fastest_of_portable_and_hopper
 
     def hopper(producer_warp):
-        return run_sm90("W4A4 GEMM", w4a4_gemm_sm90, codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, dtype,
-                        producer_warp=producer_warp)
+        return w4a4_gemm_sm90.w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, dtype,
+                                             producer_warp=producer_warp)
 
     m, (n, k) = codes.shape[0], p.orig_shape
-    candidates = {"portable": portable, "sm90": lambda: hopper(False), "sm90_producer": lambda: hopper(True)}
     key = ("W4A4 GEMM", m_bucket(m), n, k, p.proj_up.shape[1], dtype, bias is not None, codes.device)
-    choice = fastest(key, candidates, default="sm90_producer" if m * n * k >= SM90_MIN_WORK else "portable")
-    if choice != "portable":
-        out = candidates[choice]()
-        if out is not None:  # None: a Hopper kernel this Triton cannot build
-            return out
-    return portable()
+    return fastest_of_portable_and_hopper("W4A4 GEMM", key, portable, hopper,
+                                          default="sm90_producer" if m * n * k >= SM90_MIN_WORK else "portable")
 
 
 def _sm90_takes(codes: torch.Tensor, unpacked: torch.Tensor, proj_up: torch.Tensor) -> bool:
