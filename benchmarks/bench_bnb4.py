@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from comfy_lowbit.kernels.bnb4_linear import Bnb4Weight, bnb4_linear, choose_path, dequantize
+from comfy_lowbit.kernels.bnb4_linear import Bnb4Weight, bnb4_linear, dequantize, dispatch_path
 from comfy_lowbit.kernels.bnb4_quantize import bnb4_quantize
 from comfy_lowbit.kernels.sm90 import hopper_with_gluon
 
@@ -164,7 +164,7 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         flops = 2 * m * n * k
         traffic = nf4_bytes + x.nbytes + m * n * 2
         floor = max(traffic / bw, flops / peak) * 1e6
-        row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=choose_path(m),
+        row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=dispatch_path(x, ours_w),
                    gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), fused_us=variants.get("fused"),
                    dequant_cublas_us=variants.get("dequant_cublas"), fused_sm90_us=variants.get("fused_sm90"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,

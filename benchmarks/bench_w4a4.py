@@ -19,8 +19,8 @@ Usage: python benchmarks/bench_w4a4.py [--quick] [--variants] [--shapes 3072x122
 ``--small-m``: the M <= 16 plans in CUDA graphs (what a sampler loop replays), on rotating
 copies of the weights (> 120 MB per replay, so no copy is still in L2): bf16 F.linear, our
 GEMM plan (quantizer + split-K GEMM + memset + cast) and the dp4a GEMV plan (quantizer + one
-GEMV; the dispatch takes it up to ``layouts.w4a4.GEMV_MAX_ROWS`` rows), with the GEMV's parts
-timed alone and a sweep of its tiles at M=1.
+GEMV; up to 16 rows the dispatch times both plans on the first call per shape), with the GEMV's
+parts timed alone and a sweep of its tiles at M=1.
 """
 from __future__ import annotations
 
@@ -124,12 +124,11 @@ def clone_weight(qt):
 
 def small_m_section(shapes, batches):
     """bf16 vs our GEMM plan (quantizer + GEMM) vs the dp4a GEMV plan at M <= 16, CUDA graphs,
-    rotating weights; the layout's ``GEMV_MAX_ROWS`` picks between them (the dispatch)."""
+    rotating weights; the dispatch times both per shape on the first call (``kernels/fastest.py``)."""
     print("\n## Small M in CUDA graphs (us per linear; weights rotated so none is in L2)")
     print("| K | N | M | bf16 | ours GEMM plan | ours GEMV plan | GEMV plan vs bf16 | GEMV plan without PDL | quant alone "
           "| GEMV alone | err GEMV vs GEMM plan | eager bf16 / GEMM plan / GEMV plan |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    dispatch_rows = w4a4_layout.GEMV_MAX_ROWS
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
         qt = QuantizedTensor.from_float(w, "W4A4Layout", rank=RANK)
@@ -140,16 +139,16 @@ def small_m_section(shapes, batches):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 t_bf16 = graph_us([lambda w=w: F.linear(x, w, bias) for w in ws])
-                w4a4_layout.GEMV_MAX_ROWS = 0
-                ref = F.linear(x, qt, bias).float()
-                t_def = graph_us([lambda q=q: F.linear(x, q, bias) for q in qts])
+                gemm_plan = lambda q: w4a4_layout._gemm_linear(x, q._qdata, q._params, bias, x.dtype)  # noqa: E731
+                gemv_plan = lambda q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype)  # noqa: E731
+                ref = gemm_plan(qt).float()
+                t_def = graph_us([lambda q=q: gemm_plan(q) for q in qts])
                 t_gemv = t_nopdl = err = t_q = t_k = e_gemv = float("nan")
-                e_bf16, e_def = median_us(lambda: F.linear(x, w, bias)), median_us(lambda: F.linear(x, qt, bias))
+                e_bf16, e_def = median_us(lambda: F.linear(x, w, bias)), median_us(lambda: gemm_plan(qt))
                 if m <= gemv_mod.MAX_ROWS:
-                    w4a4_layout.GEMV_MAX_ROWS = gemv_mod.MAX_ROWS
-                    err = rel(F.linear(x, qt, bias), ref.double())
-                    e_gemv = median_us(lambda: F.linear(x, qt, bias))
-                    t_gemv = guarded(lambda: graph_us([lambda q=q: F.linear(x, q, bias) for q in qts]))
+                    err = rel(gemv_plan(qt), ref.double())
+                    e_gemv = median_us(lambda: gemv_plan(qt))
+                    t_gemv = guarded(lambda: graph_us([lambda q=q: gemv_plan(q) for q in qts]))
                     t_nopdl = guarded(lambda: graph_us([lambda q=q: w4a4_layout._gemv_linear(x, q._qdata, q._params, bias, x.dtype,
                                                                                              pdl=False) for q in qts]))
                     p = qt._params
@@ -158,7 +157,6 @@ def small_m_section(shapes, batches):
                     t_q = graph_us([lambda: quantize_activations(x, p.smooth_factor, p.proj_down, chunks=chunks)])
                     t_k = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2],
                                                                      q2._params.proj_up, bias, x.dtype) for q2 in qts])
-                w4a4_layout.GEMV_MAX_ROWS = 0
             print(f"| {k} | {n} | {m} | {t_bf16:.1f} | {t_def:.1f} | {t_gemv:.1f} | {t_bf16 / t_gemv:.2f}x | {t_nopdl:.1f} | "
                   f"{t_q:.1f} | {t_k:.1f} | {err:.1e} | {e_bf16:.1f} / {e_def:.1f} / {e_gemv:.1f} |", flush=True)
         # Tile sweep of the GEMV alone (bytes: packed weight + scales; floor at 3.0 TB/s).
@@ -172,7 +170,6 @@ def small_m_section(shapes, batches):
                 t = graph_us([lambda q2=q2: gemv_mod.w4a4_gemv(*q[:2], q2._qdata, q2._params.scale, q[2], q2._params.proj_up,
                                                                bias, x.dtype, config=dict(cfg)) for q2 in qts])
                 print(f"GEMV tile K={k} N={n} M={m} {cfg}: {t:.1f} us (floor {floor:.1f} us at 3.0 TB/s)", flush=True)
-    w4a4_layout.GEMV_MAX_ROWS = dispatch_rows
 
 
 # (BLOCK_N, GROUPS, num_warps) per M; the first of each is ``default_tile`` at N=12288. Tiles

@@ -48,6 +48,7 @@ kernels are tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -564,6 +565,35 @@ def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else min(1 << (m - 1).bit_length(), 1024)
 
 
+# From 2 rows to this many the v5 GEMV and dequantize + cuBLAS are within 2x of each other
+# and which wins depends on the shape (at 8 rows the H100 had the GEMV ahead at 3072x12288 and
+# level at 3072x3072): the first call per shape times both (``fastest``).
+TIMED_MAX_M = 16
+
+
+def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> str:
+    """The portable path ``bnb4_linear`` takes for these operands: from 2 to TIMED_MAX_M rows
+    the faster of the v5 GEMV and dequantize + cuBLAS for this shape (timed on its first
+    call), otherwise ``choose_path``."""
+    m = x2.shape[0]
+    if 2 <= m <= TIMED_MAX_M:
+        return _fastest_small_m_path(x2, w, bias, out)
+    return choose_path(m)
+
+
+def _fastest_small_m_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None,
+                          out: torch.Tensor | None) -> str:
+    from .fastest import fastest
+
+    m = x2.shape[0]
+    launches = {path: functools.partial(bnb4_linear, x2, w, bias, path=path, out=out)
+                for path in ("gemv_lut", "dequant_cublas")}
+    key = ("NF4/FP4 small M", m, *w.shape, w.block_size, w.quant_type, w.double_quant, x2.dtype, bias is not None,
+           x2.device)
+    return fastest(key, launches, default=choose_path(m))
+
+
 def choose_path(m: int) -> str:
     """The path for M rows: the v5 GEMV up to GEMV_LUT_MAX_M, dequantize + cuBLAS above. The
     fused GEMMs (portable and Hopper) measured slower than dequantize + cuBLAS at every
@@ -604,7 +634,7 @@ def bnb4_linear(
 
         if run_sm90("NF4/FP4 fused GEMM", _launch_sm90, x2, w, bias, out) is not None:
             return out.reshape(*lead, n)
-    path = path or choose_path(m)
+    path = path or dispatch_path(x2, w, bias, out)
     if path == "gemv":
         _launch_gemv(x2, w, bias, out)
     elif path == "gemv_lut":

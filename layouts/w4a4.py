@@ -40,8 +40,9 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
-from ..kernels.fastest import m_bucket
+from ..kernels.fastest import fastest, m_bucket
 from ..kernels.w4a4_gemm import GROUP, pack_int4, unpack_int4, unpack_weight, w4a4_gemm, w4a4_gemm_reference
+from ..kernels.w4a4_gemv import MAX_ROWS as GEMV_KERNEL_MAX_ROWS
 from ..kernels.w4a4_gemv import lora_chunks, w4a4_gemv
 from ..kernels.w4a4_quantize import quantize_activations, quantize_activations_reference
 from .base import LowBitLayout, format_error
@@ -56,9 +57,12 @@ _SUFFIXES = ("", "_scale", "_proj_down", "_proj_up", "_smooth_factor")
 # From this many input rows on, expand the weight to 8-bit codes once per call and run the
 # streaming GEMM (benchmarks/NOTES.md, W4A4: the fused in-register unpack loses there).
 UNPACK_MIN_ROWS = 256
-# Up to this many rows the dp4a GEMV plan: on the H100, in CUDA graphs, it beat the GEMM path
-# at 1 and 2 rows on every FLUX shape and lost from 4 (benchmarks/NOTES.md, W4A4 GEMV v4).
+# Up to GEMV_MAX_ROWS_TIMED rows (the GEMV kernel's limit) the dp4a GEMV plan and the GEMM
+# plan are timed per shape on the first call (kernels/fastest.py); untimed, the GEMV plan up to
+# GEMV_MAX_ROWS: on the H100, in CUDA graphs, it beat the GEMM plan at 1 and 2 rows on every
+# FLUX shape, and from 4 rows only at 3072x12288 (benchmarks/NOTES.md, W4A4 GEMV v4).
 GEMV_MAX_ROWS = 2
+GEMV_MAX_ROWS_TIMED = GEMV_KERNEL_MAX_ROWS
 # Where the candidates are not timed (kernels/fastest.py), the Hopper GEMM from this much work
 # (M * N * K): on the H100 it beat the portable GEMM on every measured call this large
 # (1.06-1.39x) and lost below, at M=1024, K=N=3072.
@@ -264,21 +268,14 @@ class W4A4Layout(LowBitLayout):
         x2d = x.reshape(-1, k)
         qweight = weight._qdata
         if x.is_cuda and qweight.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            if x2d.shape[0] <= GEMV_MAX_ROWS:
-                return _gemv_linear(x2d, qweight, p, bias, x.dtype).reshape(*x.shape[:-1], n)
-            dot = _dot_kind(x.device)
-            code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
-            codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
-            unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
-
-            def portable():
-                return w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, x.dtype, dot=dot,
-                                 unpacked=unpacked)
-
-            if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
-                out = _fastest_streaming_gemm(portable, codes, ascales, unpacked, p, lora, bias, x.dtype)
+            m = x2d.shape[0]
+            if m <= GEMV_MAX_ROWS_TIMED:
+                plans = {"gemv": lambda: _gemv_linear(x2d, qweight, p, bias, x.dtype),
+                         "gemm": lambda: _gemm_linear(x2d, qweight, p, bias, x.dtype)}
+                key = ("W4A4 small M", m, n, k, p.proj_up.shape[1], x.dtype, bias is not None, x.device)
+                out = plans[fastest(key, plans, default="gemv" if m <= GEMV_MAX_ROWS else "gemm")]()
             else:
-                out = portable()
+                out = _gemm_linear(x2d, qweight, p, bias, x.dtype)
         else:
             logger.debug("W4A4 linear on %s: plain-PyTorch reference", x.device)
             out = w4a4_linear_reference(x2d, weight, bias)
@@ -301,6 +298,23 @@ def _gemv_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params,
                                                 chunks=lora_chunks(m, k, p.proj_down.shape[1]), codes_dtype=torch.int8,
                                                 config={"launch_dependents": pdl})
     return w4a4_gemv(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, pdl=pdl)
+
+
+def _gemm_linear(x2d: torch.Tensor, qweight: torch.Tensor, p: W4A4Layout.Params, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM plan: the activation quantizer, then the tensor-core GEMM (the weight unpacked
+    once per call from UNPACK_MIN_ROWS rows; the Hopper GEMM where it serves)."""
+    dot = _dot_kind(x2d.device)
+    code_dtype = torch.float8_e4m3fn if dot == "fp8" else torch.int8
+    codes, ascales, lora = quantize_activations(x2d, p.smooth_factor, p.proj_down, p.act_unsigned, codes_dtype=code_dtype)
+    unpacked = unpack_weight(qweight, code_dtype) if x2d.shape[0] >= UNPACK_MIN_ROWS else None
+
+    def portable():
+        return w4a4_gemm(codes, ascales, qweight, p.scale, lora, p.proj_up, bias, dtype, dot=dot, unpacked=unpacked)
+
+    if unpacked is not None and _sm90_takes(codes, unpacked, p.proj_up):
+        return _fastest_streaming_gemm(portable, codes, ascales, unpacked, p, lora, bias, dtype)
+    return portable()
 
 
 def _fastest_streaming_gemm(portable, codes, ascales, unpacked, p: W4A4Layout.Params, lora, bias, dtype):

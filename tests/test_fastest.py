@@ -143,3 +143,23 @@ class _Recorder:
             self.seen.append(kwargs["BLOCK_M"])
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+@pytest.mark.parametrize("m,winner", [(4, "dequant_cublas"), (12, "gemv_lut")])
+def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
+    """From 2 to TIMED_MAX_M rows the NF4 linear times the v5 GEMV against dequantize +
+    cuBLAS once per shape and runs the winner (whatever the untimed rule says)."""
+    from test_bnb4_kernels import check_linear, make_weight
+
+    from comfy_lowbit.kernels import bnb4_linear as lin
+
+    monkeypatch.setattr(fastest_module, "_median_ms", lambda launch: 1.0 if launch.keywords["path"] == winner else 2.0)
+    ran = []
+    for path in ("gemv_lut", "dequant_cublas"):
+        launch = getattr(lin, {"gemv_lut": "_launch_gemv_lut", "dequant_cublas": "dequantize"}[path])
+        monkeypatch.setattr(lin, launch.__name__, lambda *a, _l=launch, _p=path, **k: ran.append(_p) or _l(*a, **k))
+    weight = make_weight(96, 256, "nf4", True, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    check_linear(x, weight, None, None, torch.bfloat16)
+    assert ran[-1] == winner and set(ran) == {"gemv_lut", "dequant_cublas"}
+    assert m <= lin.TIMED_MAX_M
