@@ -130,7 +130,7 @@ def weight_bytes(w: Bnb4Weight) -> int:
     return w.packed.nbytes + w.absmax.nbytes + (0 if w.nested_absmax is None else w.nested_absmax.nbytes)
 
 
-PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas")
+PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas", "dequant_cublas_overlap")
 
 
 def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: list[int],
@@ -166,15 +166,17 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         floor = max(traffic / bw, flops / peak) * 1e6
         row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=dispatch_path(x, ours_w),
                    gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), fused_us=variants.get("fused"),
-                   dequant_cublas_us=variants.get("dequant_cublas"), fused_sm90_us=variants.get("fused_sm90"),
+                   dequant_cublas_us=variants.get("dequant_cublas"), overlap_us=variants.get("dequant_cublas_overlap"),
+                   fused_sm90_us=variants.get("fused_sm90"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,
                    floor_us=floor, floor_frac=floor / t_ours, vs_bf16=t_bf16 / t_ours, vs_bnb=t_bnb / t_ours,
                    bnb_vs_bf16=t_bf16 / t_bnb, err_vs_bnb=err, eager_bf16_us=eager["bf16"],
                    eager_bnb_us=eager["bnb"], eager_ours_us=eager["ours"])
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:8.1f}"  # noqa: E731
-        say(f"{k:5d} {n:5d} {m:5d} | {t_bf16:8.1f} {t_bnb:8.1f} {t_ours:8.1f} {row['path']:>14s} | "
-            f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('fused'))} {fmt(variants.get('dequant_cublas'))} | "
+        say(f"{k:5d} {n:5d} {m:5d} | {t_bf16:8.1f} {t_bnb:8.1f} {t_ours:8.1f} {row['path']:>22s} | "
+            f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('fused'))} "
+            f"{fmt(variants.get('dequant_cublas'))} {fmt(variants.get('dequant_cublas_overlap'))} | "
             f"{row['ours_tflops']:6.1f} {row['ours_weight_gbs']:7.0f} {floor:8.1f} {row['floor_frac']:5.2f} | "
             f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | "
             f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e} | {fmt(variants.get('fused_sm90'))}")
@@ -275,9 +277,10 @@ def main() -> int:
     say(f"NF4 block 64, {'double-quantized' if args.double_quant else 'fp32'} absmax, "
         f"COMFY_LOWBIT_EXPERIMENTAL={os.environ.get('COMFY_LOWBIT_EXPERIMENTAL', '0')}. Times in us: CUDA-graph replays over rotating weight copies (> 2x L2), "
         "median per call = GPU time; e:* = eager do_bench medians (host launch overhead included when it "
-        "exceeds the L2 flush). gemv/fused/dq+cuBLAS = our paths forced; ours = the dispatched one.")
-    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>14} | {'gemv':>8} {'gemv_lut':>8} {'fused':>8} "
-        f"{'dq+cuBLAS':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
+        "exceeds the L2 flush). gemv/fused/dq+cuBLAS/overlap = our paths forced (overlap: the dequantize of the next row range "
+        "on a side stream beside cuBLAS); ours = the dispatched one (timed per shape on its first call).")
+    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>22} | {'gemv':>8} {'gemv_lut':>8} {'fused':>8} "
+        f"{'dq+cuBLAS':>8} {'overlap':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
         f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err | {'sm90':>8}")
     rows: list[dict] = []
     shapes = SHAPES[1:2] if args.quick else SHAPES

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import torch
@@ -573,24 +574,25 @@ TIMED_MAX_M = 16
 
 def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> str:
-    """The portable path ``bnb4_linear`` takes for these operands: from 2 to TIMED_MAX_M rows
-    the faster of the v5 GEMV and dequantize + cuBLAS for this shape (timed on its first
-    call), otherwise ``choose_path``."""
+    """The portable path ``bnb4_linear`` takes for these operands: the v5 GEMV at one row,
+    otherwise the fastest path for this shape (timed on its first call, ``_fastest_path``)."""
     m = x2.shape[0]
-    if 2 <= m <= TIMED_MAX_M:
-        return _fastest_small_m_path(x2, w, bias, out)
-    return choose_path(m)
+    if m == 1:
+        return choose_path(m)
+    return _fastest_path(x2, w, bias, out)
 
 
-def _fastest_small_m_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None,
-                          out: torch.Tensor | None) -> str:
-    from .fastest import fastest
+def _fastest_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None, out: torch.Tensor | None) -> str:
+    """Timed per shape (``fastest``): the v5 GEMV (up to TIMED_MAX_M rows) and dequantize +
+    cuBLAS, plain and overlapped (``_dequant_cublas_overlapped``); untimed, ``choose_path``."""
+    from .fastest import fastest, m_bucket
 
     m = x2.shape[0]
-    launches = {path: functools.partial(bnb4_linear, x2, w, bias, path=path, out=out)
-                for path in ("gemv_lut", "dequant_cublas")}
-    key = ("NF4/FP4 small M", m, *w.shape, w.block_size, w.quant_type, w.double_quant, x2.dtype, bias is not None,
-           x2.device)
+    paths = ("gemv_lut",) if m <= TIMED_MAX_M else ()
+    paths += ("dequant_cublas", "dequant_cublas_overlap")
+    launches = {path: functools.partial(bnb4_linear, x2, w, bias, path=path, out=out) for path in paths}
+    key = ("NF4/FP4", m if m <= TIMED_MAX_M else m_bucket(m), *w.shape, w.block_size, w.quant_type, w.double_quant,
+           x2.dtype, bias is not None, x2.device)
     return fastest(key, launches, default=choose_path(m))
 
 
@@ -643,6 +645,8 @@ def bnb4_linear(
         _launch_matmul(x2, w, bias, out)
     elif path == "fused_sm90":
         _launch_sm90(x2, w, bias, out)
+    elif path == "dequant_cublas_overlap":
+        _dequant_cublas_overlapped(x2, w, bias, out)
     elif path == "dequant_cublas":
         weight = dequantize(w, x.dtype, scratch=True)
         if bias is None:
@@ -650,8 +654,8 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused', 'fused_sm90' or "
-                         f"'dequant_cublas', got {path!r}")
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused', 'fused_sm90', "
+                         f"'dequant_cublas' or 'dequant_cublas_overlap', got {path!r}")
     return out.reshape(*lead, n)
 
 
@@ -770,6 +774,87 @@ def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
     else:
         key = ("fused", _m_bucket(m), n, k, x2.dtype, *meta.values())
         _run_tuned(_matmul, _bnb4_matmul_kernel, key, grid_of, args, meta)
+
+
+# ----------------------------------------------------------------------------- dequantize + cuBLAS, overlapped
+
+OVERLAP_CHUNKS = 4
+_OVERLAP_BUFFERS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def weight_rows(w: Bnb4Weight, r0: int, r1: int) -> Bnb4Weight:
+    """Rows r0:r1 of W as views of its tensors. Row r0 must start a quantization block and,
+    double-quantised, a nested block of 256 (``overlap_row_ranges`` chooses such rows)."""
+    n, k = w.shape
+    b0, b1 = r0 * k // w.block_size, r1 * k // w.block_size
+    if (r0 * k) % w.block_size or (w.double_quant and b0 % 256):
+        raise ValueError(f"bnb4 weight rows {r0}:{r1} of K={k}: row {r0} does not start a quantization "
+                         f"block{' and a nested block of 256' if w.double_quant else ''}")
+    nested = w.nested_absmax.reshape(-1)[b0 // 256:] if w.double_quant else None
+    return Bnb4Weight(w.packed.reshape(-1)[r0 * k // 2: r1 * k // 2], w.absmax.reshape(-1)[b0:b1], (r1 - r0, k),
+                      w.block_size, w.quant_type, nested, w.offset)
+
+
+def overlap_row_ranges(n: int, k: int, block: int, chunks: int = OVERLAP_CHUNKS) -> list[tuple[int, int]]:
+    """About n / chunks rows each, every range starting on a nested-block boundary (256
+    quantization blocks) and on a multiple of 128 rows (whole GEMM tiles)."""
+    step = math.lcm(256 * block // math.gcd(k, 256 * block), 128)
+    rows = triton.cdiv(triton.cdiv(n, chunks), step) * step
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+
+def _dequant_cublas_overlapped(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Dequantize + cuBLAS with the dequantize hidden: W is done in row ranges, range i+1
+    dequantized on a side stream into one of two buffers while cuBLAS multiplies range i
+    into out's columns (cuBLAS writes a column block in place, leading dimension N). On the
+    H100 the plain path paid its whole ~40 us dequantize on top of the GEMM (0.83-0.87x bf16
+    at 4096 rows). Without CUDA (the interpreter) the same ranges run in order.
+
+    Stream order: the side stream first waits for everything before this call on the main
+    stream (the weight's and x's producers, the last call's GEMMs still reading the
+    buffers); range i's GEMM waits for its dequantize; range i+2's dequantize waits for range
+    i's GEMM (same buffer). Every side-stream launch is joined before this returns.
+    """
+    n, k = w.shape
+    ranges = overlap_row_ranges(n, k, w.block_size)
+    buffers = _overlap_buffers(x2.device, x2.dtype, (ranges[0][1] - ranges[0][0]) * k)
+    cuda = x2.is_cuda
+    if cuda:
+        main = torch.cuda.current_stream(x2.device)
+        side = _SIDE_STREAMS.get(x2.device)
+        if side is None:
+            side = _SIDE_STREAMS[x2.device] = torch.cuda.Stream(x2.device)
+        side.wait_stream(main)
+        ready = [torch.cuda.Event() for _ in ranges]
+        done = [torch.cuda.Event() for _ in ranges]
+    for i, (r0, r1) in enumerate(ranges):
+        weight = buffers[i % 2][: (r1 - r0) * k].view(r1 - r0, k)
+        if cuda:
+            with torch.cuda.stream(side):
+                if i >= 2:
+                    side.wait_event(done[i - 2])
+                dequantize(weight_rows(w, r0, r1), x2.dtype, out=weight)
+                ready[i].record(side)
+            main.wait_event(ready[i])
+        else:
+            dequantize(weight_rows(w, r0, r1), x2.dtype, out=weight)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=out[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1].to(x2.dtype), x2, weight.t(), out=out[:, r0:r1])
+        if cuda:
+            done[i].record(main)
+
+
+def _overlap_buffers(device: torch.device, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two persistent buffers of ``numel`` elements (never freed, so no stream can see their
+    memory handed to another tensor while it still reads them)."""
+    buffers = _OVERLAP_BUFFERS.get((device, dtype))
+    if buffers is None or buffers[0].numel() < numel:
+        buffers = _OVERLAP_BUFFERS[(device, dtype)] = tuple(torch.empty(numel, device=device, dtype=dtype)
+                                                            for _ in range(2))
+    return buffers
 
 
 def dequantize(w: Bnb4Weight, dtype: torch.dtype, scratch: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:

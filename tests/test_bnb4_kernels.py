@@ -27,7 +27,7 @@ BLOCK = 64
 K = 5 * BLOCK
 N = 3 * BLOCK  # odd multiples of the block: not a multiple of the 128-wide N tiles
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
-PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas")
+PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas", "dequant_cublas_overlap")
 
 
 def make_weight(n: int, k: int, quant_type: str, double_quant: bool, seed: int, block: int = BLOCK) -> Bnb4Weight:
@@ -121,6 +121,28 @@ def test_gemv_lut_with_prefetch(monkeypatch, n, k, m, quant_type):
     x = outlier_matrix(m, k, seed=m + 80).to(KERNEL_DEVICE, torch.bfloat16)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(81)).to(KERNEL_DEVICE, torch.bfloat16)
     check_linear(x, weight, bias, "gemv_lut", torch.bfloat16)
+
+
+@pytest.mark.parametrize("n,k,double_quant", [(600, 384, True), (300, 640, False)])
+def test_overlapped_dequant_cublas_in_several_row_ranges(n, k, double_quant):
+    """Ranges that start on nested-block boundaries (double quant) and end short of a whole
+    range; both buffers reused; bias sliced per range."""
+    from comfy_lowbit.kernels.bnb4_linear import overlap_row_ranges
+
+    ranges = overlap_row_ranges(n, k, BLOCK)
+    assert len(ranges) >= 3 and ranges[-1][1] == n and all(r0 % 128 == 0 for r0, _ in ranges)
+    weight = make_weight(n, k, "nf4", double_quant, seed=n)
+    x = outlier_matrix(5, k, seed=n + 1).to(KERNEL_DEVICE, torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(KERNEL_DEVICE, torch.bfloat16)
+    check_linear(x, weight, bias, "dequant_cublas_overlap", torch.bfloat16)
+
+
+def test_weight_rows_refuse_a_split_inside_a_nested_block():
+    from comfy_lowbit.kernels.bnb4_linear import weight_rows
+
+    weight = make_weight(600, 384, "nf4", True, seed=3)
+    with pytest.raises(ValueError, match="nested block"):
+        weight_rows(weight, 64, 128)  # row 64 = block 384, inside the second nested block
 
 
 def test_gemv_lut_even_tiles_through_the_dispatch():
