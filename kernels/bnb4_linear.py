@@ -781,6 +781,7 @@ def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:
 OVERLAP_CHUNKS = 4
 _OVERLAP_BUFFERS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_EVENTS: dict[torch.device, list[torch.cuda.Event]] = {}
 
 
 def weight_rows(w: Bnb4Weight, r0: int, r1: int) -> Bnb4Weight:
@@ -826,8 +827,10 @@ def _dequant_cublas_overlapped(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tens
         if side is None:
             side = _SIDE_STREAMS[x2.device] = torch.cuda.Stream(x2.device)
         side.wait_stream(main)
-        ready = [torch.cuda.Event() for _ in ranges]
-        done = [torch.cuda.Event() for _ in ranges]
+        events = _EVENTS.setdefault(x2.device, [])
+        events += [torch.cuda.Event() for _ in range(2 * len(ranges) - len(events))]
+        # Reused across calls: a wait takes the event's state when it is enqueued.
+        ready, done = events[:len(ranges)], events[len(ranges):2 * len(ranges)]
     for i, (r0, r1) in enumerate(ranges):
         weight = buffers[i % 2][: (r1 - r0) * k].view(r1 - r0, k)
         if cuda:
