@@ -163,3 +163,47 @@ def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
     check_linear(x, weight, None, None, torch.bfloat16)
     assert ran[-1] == winner and set(ran) == {"gemv_lut", "dequant_cublas"}
     assert m <= lin.TIMED_MAX_M
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times real launches on a GPU")
+@pytest.mark.parametrize("layout,m", [("NF4Layout", 4), ("NF4Layout", 300), ("BlockWiseINT8LayoutLodeWise", 1024),
+                                      ("W4A4Layout", 2), ("W4A4Layout", 1024)])
+def test_timed_dispatch_on_gpu_matches_the_reference(monkeypatch, layout, m):
+    """With the timing on (and Triton's own autotuning as the run has it), each layout's first
+    call times its candidates, the second takes the cached winner, and both agree with the
+    layout's plain-PyTorch path."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    from support import outlier_matrix, relative_error
+
+    monkeypatch.setattr(fastest_module, "_WINNERS", {})
+    monkeypatch.setattr(fastest_module, "tuning_enabled", lambda: True)
+    n, k = 384, 768
+    w = (outlier_matrix(n, k, seed=m, scale=4.0) / k**0.5).to(torch.bfloat16)
+    qt = QuantizedTensor.from_float(w.cuda(), layout)
+    x = outlier_matrix(m, k, seed=m + 1, scale=10.0).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).cuda()
+    if layout == "W4A4Layout":  # its reference quantizes the activations the same way
+        from comfy_lowbit.layouts.w4a4 import w4a4_linear_reference
+
+        ref, tolerance = w4a4_linear_reference(x, qt, bias).float().cpu(), 1e-2
+    elif layout == "BlockWiseINT8LayoutLodeWise":  # W8A8: the exact-integer sums of the same operands
+        from comfy_lowbit.kernels.int8_gemm import w8a8_reference
+        from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference
+
+        block = qt._params.block_size
+        a_q, a_scale = quantize_blockwise_reference(x.cpu(), block)
+        ref = w8a8_reference(a_q, a_scale, qt._qdata.cpu(), qt._params.scale.cpu(), block, bias.cpu())[0].float()
+        tolerance = 4e-3  # the bf16 output rounding
+    else:
+        ref = torch.nn.functional.linear(x.cpu().float(), qt.dequantize().cpu().float(), bias.cpu().float())
+        tolerance = 1e-2
+    with torch.inference_mode():
+        first = torch.nn.functional.linear(x, qt, bias)
+        timed = dict(fastest_module._WINNERS)
+        second = torch.nn.functional.linear(x, qt, bias)
+    if layout != "BlockWiseINT8LayoutLodeWise" or sm90.sm90_kernels_enabled(x.device):
+        assert timed, "the first call timed its candidates"
+    assert fastest_module._WINNERS == timed, "the second call reused the winners"
+    for out in (first, second):
+        assert torch.isfinite(out).all() and relative_error(out.float().cpu(), ref) < tolerance
