@@ -106,7 +106,7 @@ def test_gemv_without_prefetch(monkeypatch):
     check_linear(x, weight, None, "gemv", torch.float16)
 
 
-@pytest.mark.parametrize("n,k,m,quant_type", [(192, 512, 1, "nf4"), (37, 384, 3, "fp4"), (192, 512, 6, "nf4")])
+@pytest.mark.parametrize("n,k,m,quant_type", [(192, 2048, 1, "nf4"), (37, 1536, 3, "fp4"), (192, 2048, 6, "nf4")])
 def test_gemv_lut_with_prefetch(monkeypatch, n, k, m, quant_type):
     """The v5 GEMV's prefetching variant (an autotune candidate) on the fixed-config path:
     even tiles (the next step's load wraps past the last one) and masked ones, one to two

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import KERNEL_DEVICE
 
 from comfy_lowbit.kernels import fastest as fastest_module
 from comfy_lowbit.kernels import sm90
@@ -121,8 +122,9 @@ def test_w4a4_quantizer_runs_the_timed_configuration(timed, monkeypatch):
     monkeypatch.setattr(wq, "w4a4_quantize_kernel", _Recorder(launch, seen))
     g = torch.Generator().manual_seed(3)
     m, k, r = wq.TUNE_MIN_ROWS, 128, 8
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    smooth, down = torch.rand(k, generator=g) + 0.5, torch.randn(k, r, generator=g) / 8
+    x = torch.randn(m, k, generator=g).to(KERNEL_DEVICE, torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(KERNEL_DEVICE)
+    down = (torch.randn(k, r, generator=g) / 8).to(KERNEL_DEVICE)
     codes, ascales, lora = wq.quantize_activations(x, smooth, down)
     ref_codes, ref_scales, ref_lora = wq.quantize_activations_reference(x, smooth, down)
     assert seen[-1] == 32, "the last launch (the returned result) used the winner's 32-row tile"
@@ -159,7 +161,7 @@ def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
         launch = getattr(lin, {"gemv_lut": "_launch_gemv_lut", "dequant_cublas": "dequantize"}[path])
         monkeypatch.setattr(lin, launch.__name__, lambda *a, _l=launch, _p=path, **k: ran.append(_p) or _l(*a, **k))
     weight = make_weight(96, 256, "nf4", True, seed=m)
-    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
     check_linear(x, weight, None, None, torch.bfloat16)
     assert ran[-1] == winner and set(ran) == {"gemv_lut", "dequant_cublas"}
     assert m <= lin.TIMED_MAX_M
