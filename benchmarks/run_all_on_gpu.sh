@@ -28,6 +28,8 @@ step() {  # name, timeout seconds, command...
 
 step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
 step tests 560 env COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -v -rf --tb=short --durations=15 -p no:cacheprovider tests --ignore=tests/e2e
+# Chosen tests only (TESTS="tests/test_x.py::test_y ..."), e.g. to re-check fixes
+step pytest 300 env COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -v -rf --tb=short -p no:cacheprovider ${TESTS:-tests}
 # The layouts' dispatch with the opt-in kernels switched on (kernels/experimental.py; the
 # kernel tests above already call those kernels directly).
 step experimental 300 env COMFY_LOWBIT_EXPERIMENTAL=1 COMFY_LOWBIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
