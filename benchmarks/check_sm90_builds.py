@@ -40,13 +40,13 @@ def problems(kernel, args, constexprs) -> str | None:
 
 
 def variants():
-    for dtype, block, out_dtype, producer, bias, rank in itertools.product(
+    for dtype, block, out_dtype, (producer, split), bias, rank in itertools.product(
             (torch.int8, torch.float8_e4m3fn), (64, 128), (torch.bfloat16, torch.float16, torch.float32),
-            (False, True), (False, True), (0, 8, 20, 128)):
+            ((False, False), (True, False), (True, True)), (False, True), (0, 8, 20, 128)):
         if (dtype == torch.int8) == bool(rank) or (dtype != torch.int8 and block != 64):
             continue  # int8_lodewise has no low-rank term; W4A4 always has one, with 64-wide groups
-        yield (f"block-scaled {dtype} B{block} out {out_dtype} producer={producer} bias={bias} R={rank}",
-               block_scaled_build(dtype, block, 5, rank, producer, out_dtype, bias))
+        yield (f"block-scaled {dtype} B{block} out {out_dtype} producer={producer} split={split} bias={bias} R={rank}",
+               block_scaled_build(dtype, block, 5, rank, producer, out_dtype, bias, split=split))
     for block, double_quant, dtype, bias in itertools.product((64, 128, 256), (False, True),
                                                                (torch.bfloat16, torch.float16), (False, True)):
         yield f"bnb4 B{block} double_quant={double_quant} {dtype} bias={bias}", bnb4_build(block, double_quant, dtype, bias)

@@ -42,6 +42,8 @@ step bnb4 420 python3 benchmarks/bench_bnb4.py
 # The v5 register-LUT GEMV against v4 at 1-8 rows, with double-quantised absmax (the case)
 step bnb4small 240 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 1,2,4,8 \
     --double-quant --paths gemv,gemv_lut --no-quantize
+# The block-scaled Hopper GEMM's warp plans (in step, producer warp, split warpgroups) side by side
+step sm90plans 300 python3 benchmarks/bench_sm90_plans.py --ms 1024,4096 --stages 4,6
 step w4a4 300 python3 benchmarks/bench_w4a4.py
 step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'
 step block 240 python3 benchmarks/bench_block.py

@@ -84,7 +84,8 @@ GEMV_16 = ["xp_ptr", "packed_ptr", "absmax_ptr", "out_ptr", "ROW_BYTES", "BLOCKS
 V4_SIG = dict(xp_ptr="*i32", packed_ptr="*u8", absmax_ptr="*fp32", nested_ptr="*fp32", offset_ptr="*fp32",
               dyn_ptr="*fp32", code_ptr="*fp32", pair_ptr="*i64", bias_ptr="*bf16", out_ptr="*bf16", N="i32", K="i32",
               stride_xpm="i32", stride_om="i32")
-QUANT_SIG = dict(xp_ptr="*i32", packed_ptr="*u8", absmax_ptr="*fp32", numel="i32", num_blocks="i32", tiny="fp32",
+QUANT_SIG = dict(xp_ptr="*i32", packed_ptr="*u8", absmax_ptr="*fp32", numel="i32", num_blocks="i32", size_class="i32",
+                 tiny="fp32",
                  **{f"t{i}": "fp32" for i in range(15)})
 
 

@@ -32,6 +32,8 @@ spills nothing.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -49,6 +51,7 @@ NUM_WARPS = 8
 SMEM_FOR_STAGES = 200 * 1024  # of the 227 KB a program may use
 MAX_STAGES = 8
 PRODUCER_REGISTERS = gl.constexpr(40)  # the producer warp only computes coordinates
+CONSUMER_REGISTERS = gl.constexpr(232)  # the second MMA warpgroup of SPLIT (the first gets what is left)
 
 
 @gluon.jit
@@ -75,24 +78,26 @@ def _load_block(descs, smem, ready, block, off_m, off_n, sa_len, sw_len, pred, S
 
 
 @gluon.jit
-def _issue(smem, ready, block, partial):
-    """Start block's 8-bit MMA into ``partial`` (its old value is ignored) once its stage landed."""
+def _issue(smem, ready, block, partial, ROW0: gl.constexpr):
+    """Start block's 8-bit MMA into ``partial`` (its old value is ignored) once its stage
+    landed; the A rows are the consumer's ``partial.shape[0]`` rows from ROW0 of the tile."""
     a_smem = smem[0]
     w_smem = smem[1]
     stage = block % a_smem.shape[0]
     mbarrier.wait(ready.index(stage), (block // a_smem.shape[0]) & 1)
-    return warpgroup_mma(a_smem.index(stage), w_smem.index(stage).permute((1, 0)), partial,
-                         use_acc=False, is_async=True)
+    a_rows = a_smem.index(stage).slice(ROW0, partial.shape[0])
+    return warpgroup_mma(a_rows, w_smem.index(stage).permute((1, 0)), partial, use_acc=False, is_async=True)
 
 
 @gluon.jit
 def _rescale(acc, partial, smem, block, scale_ptrs, off_m, off_n, M, N, row_layout: gl.constexpr,
-             col_layout: gl.constexpr, SCALES_TMA: gl.constexpr):
+             col_layout: gl.constexpr, SCALES_TMA: gl.constexpr, ROW0: gl.constexpr):
     """``acc + a_scale[m, block] * w_scale[n, block] * P_block``, and P_block in fp32. The
-    scales come from the ring stage (SCALES_TMA) or straight from global memory."""
+    scales come from the ring stage (SCALES_TMA) or straight from global memory; ``off_m`` is
+    the consumer's first row, ROW0 rows into the tile."""
     if SCALES_TMA:
         stage = block % smem[0].shape[0]
-        sa = smem[2].index(stage).load(row_layout)
+        sa = smem[2].index(stage).slice(ROW0, acc.shape[0]).load(row_layout)
         sw = smem[3].index(stage).load(col_layout).to(gl.float32)
     else:
         rows = off_m + gl.arange(0, acc.shape[0], layout=row_layout)
@@ -179,10 +184,12 @@ def _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R: gl.cons
 @gluon.jit
 def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
              n_blocks, stride_om, PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr,
-             BLOCK_R: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, num_warps: gl.constexpr):
-    """The MMA + rescale main loop over the K blocks, then the epilogue (bias, cast, store)."""
-    BLOCK_M: gl.constexpr = smem[0].shape[1]
+             BLOCK_R: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, num_warps: gl.constexpr,
+             ROW0: gl.constexpr, BLOCK_M: gl.constexpr):
+    """The MMA + rescale main loop over the K blocks, then the epilogue (bias, cast, store),
+    for BLOCK_M rows of the tile from ROW0 (the whole tile, or one warpgroup's half)."""
     BLOCK_N: gl.constexpr = smem[1].shape[1]
+    rows0 = off_m + ROW0  # this consumer's first output row (off_m stays the tile's, for loads)
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
@@ -193,33 +200,33 @@ def _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, 
     # fp32 and rescaled, and the converted registers become the next MMA's (ignored) input.
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
     y_free = gl.zeros([BLOCK_M, BLOCK_N], PART, mma)
-    x_busy = _issue(smem, ready, 0, gl.zeros([BLOCK_M, BLOCK_N], PART, mma))
+    x_busy = _issue(smem, ready, 0, gl.zeros([BLOCK_M, BLOCK_N], PART, mma), ROW0)
     for b in range(1, n_blocks - 1, 2):
-        y_busy = _issue(smem, ready, b, y_free)
+        y_busy = _issue(smem, ready, b, y_free, ROW0)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])  # block b-1
-        acc, x = _rescale(acc, x, smem, b - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
+        acc, x = _rescale(acc, x, smem, b - 1, scale_ptrs, rows0, off_n, M, N, row_layout, col_layout, SCALES_TMA, ROW0)
         _release(descs, smem, ready, empty, b - 1, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
                  SCALES_TMA)
-        x_busy = _issue(smem, ready, b + 1, _reuse(x, PART))
+        x_busy = _issue(smem, ready, b + 1, _reuse(x, PART), ROW0)
         y = warpgroup_mma_wait(num_outstanding=1, deps=[y_busy])  # block b
-        acc, y = _rescale(acc, y, smem, b, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
+        acc, y = _rescale(acc, y, smem, b, scale_ptrs, rows0, off_n, M, N, row_layout, col_layout, SCALES_TMA, ROW0)
         _release(descs, smem, ready, empty, b, off_m, off_n, scale_ptrs[2], scale_ptrs[3], n_blocks, PRODUCER_WARP,
                  SCALES_TMA)
         y_free = _reuse(y, PART)
     if n_blocks % 2 == 0:  # one odd block left: into Y
-        y_busy = _issue(smem, ready, n_blocks - 1, y_free)
+        y_busy = _issue(smem, ready, n_blocks - 1, y_free, ROW0)
         x = warpgroup_mma_wait(num_outstanding=1, deps=[x_busy])
-        acc, x = _rescale(acc, x, smem, n_blocks - 2, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout,
-                          SCALES_TMA)
+        acc, x = _rescale(acc, x, smem, n_blocks - 2, scale_ptrs, rows0, off_n, M, N, row_layout, col_layout,
+                          SCALES_TMA, ROW0)
         y = warpgroup_mma_wait(num_outstanding=0, deps=[y_busy])
-        acc, y = _rescale(acc, y, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
+        acc, y = _rescale(acc, y, smem, n_blocks - 1, scale_ptrs, rows0, off_n, M, N, row_layout, col_layout, SCALES_TMA, ROW0)
     else:
         x = warpgroup_mma_wait(num_outstanding=0, deps=[x_busy])
-        acc, x = _rescale(acc, x, smem, n_blocks - 1, scale_ptrs, off_m, off_n, M, N, row_layout, col_layout, SCALES_TMA)
+        acc, x = _rescale(acc, x, smem, n_blocks - 1, scale_ptrs, rows0, off_n, M, N, row_layout, col_layout, SCALES_TMA, ROW0)
 
     if LOW_RANK:
-        acc = _add_low_rank(acc, lora_ptr, up_ptr, off_m, off_n, M, N, R, BLOCK_R, num_warps)
-    store_tile(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, HAS_BIAS, num_warps)
+        acc = _add_low_rank(acc, lora_ptr, up_ptr, rows0, off_n, M, N, R, BLOCK_R, num_warps)
+    store_tile(acc, bias_ptr, out_ptr, rows0, off_n, M, N, stride_om, HAS_BIAS, num_warps)
 
 
 @gluon.jit
@@ -227,10 +234,18 @@ def block_scaled_mm_kernel(
     a_desc, w_desc, sa_desc, sw_desc, sa_ptr, sw_ptr, sa_len, sw_len, lora_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R, stride_om,
     PART: gl.constexpr, HAS_BIAS: gl.constexpr, LOW_RANK: gl.constexpr, BLOCK_R: gl.constexpr, STAGES: gl.constexpr,
     GROUP_M: gl.constexpr, PRODUCER_WARP: gl.constexpr, SCALES_TMA: gl.constexpr, num_warps: gl.constexpr,
+    SPLIT: gl.constexpr = False,
 ):
-    """One 128x128 output tile per program. PRODUCER_WARP: one extra warp issues every TMA
-    load (warp specialisation), so the MMA warps meet one barrier per block instead of one
-    per copy; otherwise the MMA warps refill the ring themselves."""
+    """One 128x128 output tile per program.
+
+    PRODUCER_WARP: one extra warp issues every TMA load (warp specialisation), so the MMA
+    warps meet one barrier per block instead of one per copy; otherwise the MMA warps refill
+    the ring themselves. SPLIT (with the producer warp, num_warps=4): the tile's two 64-row
+    halves are two partitions of one warpgroup each, synchronised only through the ring's
+    barriers (a stage is free once both have released it), so one warpgroup's rescale can
+    run while the other's MMA holds the tensor cores, as in CUTLASS's ping-pong kernels;
+    together, one CTA barrier per block holds both warpgroups in step.
+    """
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     QBLOCK: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -251,19 +266,31 @@ def block_scaled_mm_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    if PRODUCER_WARP:
+        mbarrier.init(empty.index(s), count=2 if SPLIT else 1)
+    if SPLIT:
+        HALF: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize([
             (_consume, (descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n,
                         M, N, R, n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA,
-                        num_warps)),
+                        num_warps, 0, HALF)),
+            (_consume, (descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n,
+                        M, N, R, n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA,
+                        num_warps, HALF, HALF)),
+            (_produce, (descs, smem, ready, empty, off_m, off_n, sa_len, sw_len, n_blocks, SCALES_TMA)),
+        ], [num_warps, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+    elif PRODUCER_WARP:
+        gl.warp_specialize([
+            (_consume, (descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n,
+                        M, N, R, n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA,
+                        num_warps, 0, BLOCK_M)),
             (_produce, (descs, smem, ready, empty, off_m, off_n, sa_len, sw_len, n_blocks, SCALES_TMA)),
         ], [1], [PRODUCER_REGISTERS])
     else:
         for s in gl.static_range(STAGES):
             _load_block(descs, smem, ready, s, off_m, off_n, sa_len, sw_len, s < n_blocks, SCALES_TMA)
         _consume(descs, smem, ready, empty, scale_ptrs, lora_ptr, up_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R,
-                 n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA, num_warps)
+                 n_blocks, stride_om, PART, HAS_BIAS, LOW_RANK, BLOCK_R, PRODUCER_WARP, SCALES_TMA, num_warps,
+                 0, BLOCK_M)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
@@ -273,21 +300,33 @@ _GL = {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.float32: g
        torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
+@functools.cache
+def _tile_layout(shape: tuple[int, ...], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(shape), _GL[dtype])
+
+
+@functools.cache
+def _flat_layout(bits: int):
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=1)
+
+
 def descriptors(a: torch.Tensor, a_scale_t: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, block: int):
     """TMA descriptors: one program's A (BLOCK_M x block) and W (BLOCK_N x block) tiles, and its
     BLOCK_M row and BLOCK_N column scales of one block, read from the flat (K/B, M) and
-    (K/B, N) scale matrices."""
+    (K/B, N) scale matrices. The shared-memory layouts are cached: building them (Gluon
+    dataclasses that validate every field) was a sixth of a launch's ~200 us of host time on
+    the H100 machine (benchmarks/profile_host.py)."""
     def tile(t, shape):
-        return TensorDescriptor.from_tensor(t, shape, gl.NVMMASharedLayout.get_default_for(shape, _GL[t.dtype]))
+        return TensorDescriptor.from_tensor(t, shape, _tile_layout(tuple(shape), t.dtype))
 
     def flat(t, length):
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=t.element_size() * 8, rank=1)
-        return TensorDescriptor.from_tensor(t.reshape(-1), [length], layout)
+        return TensorDescriptor.from_tensor(t.reshape(-1), [length], _flat_layout(t.element_size() * 8))
 
     return tile(a, [BLOCK_M, block]), tile(w, [BLOCK_N, block]), flat(a_scale_t, BLOCK_M), flat(w_scale_t, BLOCK_N)
 
 
-def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, rank_tile: int = 0) -> int:
+def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, rank_tile: int = 0,
+                   split: bool = False) -> int:
     """As many ring stages as fit in shared memory: a TMA load takes about 1-2 us, and one
     stage holds only one block's MMA (256 clocks for 128 x 128 x 64 8-bit), so deep rings pay.
 
@@ -297,6 +336,8 @@ def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, 
     """
     stage_bytes = (BLOCK_M + BLOCK_N) * (block + 4)
     reserved = BLOCK_M * BLOCK_N * out_bytes + (BLOCK_M + BLOCK_N) * rank_tile * 4 if producer_warp else 0
+    if split:  # each half keeps its own low-rank buffers: (64 lora + 128 up rows) x 32 ranks
+        reserved = BLOCK_M * BLOCK_N * out_bytes + 2 * (BLOCK_M // 2 + BLOCK_N) * min(rank_tile, 32) * 4
     return max(2, min(MAX_STAGES, (SMEM_FOR_STAGES - reserved) // stage_bytes))
 
 
@@ -318,20 +359,23 @@ def block_scaled_mm(
     a: torch.Tensor, a_scale_t: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, block: int,
     bias: torch.Tensor | None, out: torch.Tensor, lora: torch.Tensor | None = None, up: torch.Tensor | None = None,
     *, stages: int | None = None, group_m: int = 8, producer_warp: bool = False, scales_by_tma: bool = True,
+    split_warpgroups: bool = False,
 ) -> torch.Tensor:
     """``out = sum_b a_scale * w_scale * P_b (+ lora @ up.T) (+ bias)`` (module doc).
 
     a (M, K) and w (N, K) 8-bit (int8, or both e4m3), a_scale_t (K/B, M) fp32 and w_scale_t
     (K/B, N) contiguous, lora (M, R) fp32 and up (N, R) contiguous; out (M, N). The format
     launchers check shapes and ``tma_ready``; this one only launches. ``stages`` defaults to
-    ``default_stages``.
+    ``default_stages``. ``split_warpgroups`` (implies the producer warp): the kernel's SPLIT.
     """
     m, k = a.shape
     n = w.shape[0]
     r = 0 if up is None else up.shape[1]
     rank_tile = max(16, triton.next_power_of_2(max(r, 1)))
     a_scale_t, w_scale_t = rows_16_byte_aligned(a_scale_t), rows_16_byte_aligned(w_scale_t)
-    stages = stages or default_stages(block, producer_warp, out.element_size(), rank_tile if lora is not None else 0)
+    producer_warp = producer_warp or split_warpgroups
+    stages = stages or default_stages(block, producer_warp, out.element_size(), rank_tile if lora is not None else 0,
+                                      split_warpgroups)
     grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
     block_scaled_mm_kernel[grid](
         *descriptors(a, a_scale_t, w, w_scale_t, block), a_scale_t, w_scale_t, a_scale_t.shape[1], w_scale_t.shape[1],
@@ -340,6 +384,6 @@ def block_scaled_mm(
         PART=gl.int32 if a.dtype == torch.int8 else gl.float32,  # the MMA's result type
         HAS_BIAS=bias is not None, LOW_RANK=lora is not None, BLOCK_R=rank_tile,
         STAGES=stages, GROUP_M=group_m, PRODUCER_WARP=producer_warp, SCALES_TMA=scales_by_tma,
-        num_warps=NUM_WARPS,
+        SPLIT=split_warpgroups, num_warps=NUM_WARPS // 2 if split_warpgroups else NUM_WARPS,
     )
     return out

@@ -568,8 +568,10 @@ def _m_bucket(m: int) -> int:
 
 # From 2 rows to this many the v5 GEMV and dequantize + cuBLAS are within 2x of each other
 # and which wins depends on the shape (at 8 rows the H100 had the GEMV ahead at 3072x12288 and
-# level at 3072x3072): the first call per shape times both (``fastest``).
-TIMED_MAX_M = 16
+# level at 3072x3072): the first call per shape times both (``fastest``). At 16 rows the GEMV
+# lost on every FLUX shape (1.4-1.8x slower in CUDA graphs), yet the eager timing picked it on
+# three of four, so it is no candidate there.
+TIMED_MAX_M = 8
 
 
 def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import bnb4_codec
-from .bnb4_linear import _X_KIND, _unpair
+from .bnb4_linear import _X_KIND, AUTOTUNE, _unpair
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -61,7 +61,7 @@ def _codes(s, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, O
 
 @triton.jit
 def _bnb4_quantize_kernel(
-    xp_ptr, packed_ptr, absmax_ptr, numel, num_blocks, tiny,
+    xp_ptr, packed_ptr, absmax_ptr, numel, num_blocks, size_class, tiny,
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ORDER: tl.constexpr, X_KIND: tl.constexpr,
     EVEN: tl.constexpr,  # numel is a multiple of QBLOCK * BLOCKS_PER_PROGRAM: no masks, no short block
@@ -107,6 +107,33 @@ def _bnb4_quantize_kernel(
         tl.store(packed_ptr + word, byte, mask=word_ok)
 
 
+# EVEN (no masks) whenever the program's blocks divide the tensor
+_quantize_jit = triton.heuristics({
+    "EVEN": lambda a: a["numel"] % (a["QBLOCK"] * a["BLOCKS_PER_PROGRAM"]) == 0,
+})(_bnb4_quantize_kernel)
+
+
+def _quantize_configs() -> list[triton.Config]:
+    """Blocks per program (2K-16K elements: each thread loads 16-byte words of x ahead of its
+    compares) and warps; the fixed 4096-element / 4-warp tile reached 0.46-0.48 of copy
+    bandwidth on the H100, so the tile is tuned once per size class and block."""
+    return [triton.Config({"BLOCKS_PER_PROGRAM": b}, num_warps=w)
+            for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) for w in (4, 8)]
+
+
+def _prune_quantize(configs, named_args, **meta):
+    qblock = meta.get("QBLOCK", named_args.get("QBLOCK"))
+    elements = [(c, c.kwargs["BLOCKS_PER_PROGRAM"] * qblock) for c in configs]
+    # at most 64 elements per thread: 128 spilled (255 registers) on the H100
+    kept = [c for c, e in elements if 2048 <= e <= 16384 and e <= 64 * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCKS_PER_PROGRAM"])]
+
+
+# size_class (log2 of the element count) keys the tuning: a checkpoint's few layer sizes
+# each tune once at load time (~20 ms), not every distinct tensor
+_quantize_tuned = triton.autotune(_quantize_configs(), key=["size_class", "QBLOCK", "X_KIND"],
+                                  prune_configs_by={"early_config_prune": _prune_quantize})(_quantize_jit)
+
 _TABLES: dict[str, tuple[list[float], int]] = {}
 
 
@@ -151,14 +178,17 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
             raise ValueError(f"bnb4 quantize: out: expected uint8 {((numel + 1) // 2, 1)} and float32 ({num_blocks},), "
                              f"got {packed.dtype} {tuple(packed.shape)} and {absmax.dtype} {tuple(absmax.shape)}")
     thresholds, order = quantize_tables(quant_type)
-    # 4096 elements per program: each thread loads 4 x 16 bytes (bf16) before it computes
-    per_program = max(1, min(64, 4096 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
-    grid = (triton.cdiv(num_blocks, per_program),)
     if numel:
         kind, word = _X_KIND[flat.dtype]
-        _bnb4_quantize_kernel[grid](flat.view(word), packed, absmax, numel, num_blocks, 1e-38, *thresholds,
-                                    QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program, ORDER=order, X_KIND=kind,
-                                    EVEN=numel % (block_size * per_program) == 0, num_warps=4)
+        args = (flat.view(word), packed, absmax, numel, num_blocks, numel.bit_length(), 1e-38, *thresholds)
+        if AUTOTUNE:
+            grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCKS_PER_PROGRAM"]),)  # noqa: E731
+            _quantize_tuned[grid](*args, QBLOCK=block_size, ORDER=order, X_KIND=kind)
+        else:
+            # 4096 elements per program: each thread loads 4 x 16 bytes (bf16) before it computes
+            per_program = max(1, min(64, 4096 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
+            _quantize_jit[(triton.cdiv(num_blocks, per_program),)](
+                *args, QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program, ORDER=order, X_KIND=kind, num_warps=4)
     if not nested:
         return packed, absmax
     codes, nested_absmax, offset = bnb4_codec.quantize_nested_absmax(absmax)

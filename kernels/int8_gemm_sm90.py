@@ -23,7 +23,7 @@ def accepts(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_s
 def w8a8_matmul_sm90(
     a_q: torch.Tensor, a_scale_t: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *, group_m: int = 8,
-    stages: int | None = None, producer_warp: bool = False,
+    stages: int | None = None, producer_warp: bool = False, split_warpgroups: bool = False,
 ) -> torch.Tensor:
     """``int8_gemm.w8a8_matmul`` on Hopper; the caller checks ``sm90.sm90_kernels_enabled``
     and ``accepts``."""
@@ -37,4 +37,5 @@ def w8a8_matmul_sm90(
     if m == 0:
         return out
     return block_scaled_mm(a_q, a_scale_t, w_q, w_scale.t(), block_size, bias, out,
-                           stages=stages, group_m=group_m, producer_warp=producer_warp)
+                           stages=stages, group_m=group_m, producer_warp=producer_warp,
+                           split_warpgroups=split_warpgroups)

@@ -79,18 +79,21 @@ def run_sm90(name: str, launch, *args, **kwargs):
         return None
 
 
+# The block-scaled Hopper GEMM's ways of running its warps (block_scaled_gemm_sm90): in step,
+# with a producer warp, or as two independent MMA warpgroups plus the producer warp.
+WARP_PLANS = {"sm90": {}, "sm90_producer": {"producer_warp": True}, "sm90_split": {"split_warpgroups": True}}
+
+
 def fastest_of_portable_and_hopper(name: str, key: tuple, portable, hopper, default: str):
-    """The output of the fastest of ``portable()``, ``hopper(producer_warp=False)`` and
-    ``hopper(producer_warp=True)`` for ``key`` (timed on its first call, ``fastest``; untimed,
-    ``default``: "portable", "sm90" or "sm90_producer"). A Hopper kernel this Triton cannot
-    build (``run_sm90``) leaves the portable one."""
+    """The output of the fastest of ``portable()`` and ``hopper(**plan)`` for each of
+    WARP_PLANS, for ``key`` (timed on its first call, ``fastest``; untimed, ``default``:
+    "portable" or a WARP_PLANS name). A Hopper kernel this Triton cannot build (``run_sm90``)
+    leaves the portable one."""
     from .fastest import fastest
 
-    candidates = {
-        "portable": portable,
-        "sm90": lambda: run_sm90(name, hopper, producer_warp=False),
-        "sm90_producer": lambda: run_sm90(name, hopper, producer_warp=True),
-    }
+    candidates = {"portable": portable}
+    for plan, kwargs in WARP_PLANS.items():
+        candidates[plan] = lambda kwargs=kwargs: run_sm90(name, hopper, **kwargs)
     choice = fastest(key, candidates, default)
     if choice != "portable":
         out = candidates[choice]()

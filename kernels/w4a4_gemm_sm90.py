@@ -24,6 +24,7 @@ def w4a4_gemm_sm90(
     codes: torch.Tensor, ascales: torch.Tensor, unpacked: torch.Tensor, wscales: torch.Tensor,
     lora: torch.Tensor, proj_up: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
     *, out: torch.Tensor | None = None, stages: int | None = None, producer_warp: bool = False,
+    split_warpgroups: bool = False,
 ) -> torch.Tensor:
     """Shapes as ``w4a4_gemm``: codes (M, K) and unpacked (N, K) e4m3, ascales (K/64, M) fp32,
     wscales (K/64, N), lora (C, M, R) or (M, R) fp32, proj_up (N, R)."""
@@ -40,4 +41,5 @@ def w4a4_gemm_sm90(
     # Weight scales in fp32 (2.4 MB for 3072 x 12288, one small cast per call): with 16-bit
     # scales ptxas serialised the wgmma (the conversions raised register pressure past it).
     return block_scaled_mm(codes, ascales.contiguous(), unpacked, wscales.float().contiguous(), GROUP, bias, out,
-                           lora.float().contiguous(), proj_up.contiguous(), stages=stages, producer_warp=producer_warp)
+                           lora.float().contiguous(), proj_up.contiguous(), stages=stages, producer_warp=producer_warp,
+                           split_warpgroups=split_warpgroups)

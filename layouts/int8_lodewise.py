@@ -171,10 +171,12 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
 
 # The Hopper kernel is a candidate from SM90_MIN_M rows (below, its 128-row tiles are mostly
 # padding) and, where the candidates are not timed (``fastest``), the choice from
-# SM90_DEFAULT_M rows: on the H100 it beat the portable kernel at 4096 rows on every FLUX
-# shape (by 6-24 %) but at 1024 on only two of four (benchmarks/NOTES.md, int8 version 3).
+# SM90_DEFAULT_M rows, with its warpgroups split: on the H100 that GEMM ran at 1.04-1.25x
+# bf16 at 1024 and 4096 rows on the three large FLUX shapes, where the portable W8A8 kernel
+# runs at 0.65-0.75x (benchmarks/NOTES.md, int8 version 4).
 SM90_MIN_M = 1024
-SM90_DEFAULT_M = 4096
+SM90_DEFAULT_M = 1024
+SM90_DEFAULT_PLAN = "sm90_split"
 
 
 def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
@@ -194,13 +196,12 @@ def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
     if not int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
         return portable()
 
-    def hopper(producer_warp):
-        return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype,
-                                               producer_warp=producer_warp)
+    def hopper(**warps):
+        return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype, **warps)
 
     key = ("int8_lodewise W8A8", m_bucket(m), *w_q.shape, block, out_dtype, bias is not None, a_q.device)
     return fastest_of_portable_and_hopper("int8_lodewise W8A8", key, portable, hopper,
-                                          default="sm90" if m >= SM90_DEFAULT_M else "portable")
+                                          default=SM90_DEFAULT_PLAN if m >= SM90_DEFAULT_M else "portable")
 
 
 # ---------------------------------------------------------------------- checks

@@ -324,9 +324,8 @@ def _fastest_streaming_gemm(portable, codes, ascales, unpacked, p: W4A4Layout.Pa
     from ..kernels import w4a4_gemm_sm90
     from ..kernels.sm90 import fastest_of_portable_and_hopper
 
-    def hopper(producer_warp):
-        return w4a4_gemm_sm90.w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, dtype,
-                                             producer_warp=producer_warp)
+    def hopper(**warps):
+        return w4a4_gemm_sm90.w4a4_gemm_sm90(codes, ascales, unpacked, p.scale, lora, p.proj_up, bias, dtype, **warps)
 
     m, (n, k) = codes.shape[0], p.orig_shape
     key = ("W4A4 GEMM", m_bucket(m), n, k, p.proj_up.shape[1], dtype, bias is not None, codes.device)

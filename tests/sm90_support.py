@@ -56,7 +56,7 @@ M, N = 300, 200  # odd sizes: partial tiles in both directions
 
 
 def block_scaled_build(dtype, block: int, n_blocks: int, rank: int, producer_warp: bool,
-                       out_dtype=torch.bfloat16, bias: bool = True, scales_by_tma: bool = True):
+                       out_dtype=torch.bfloat16, bias: bool = True, scales_by_tma: bool = True, split: bool = False):
     """``(kernel, args, constexprs)`` of ``block_scaled_mm_kernel`` as ``block_scaled_mm`` would
     launch it: int8 (``rank`` 0, int8_lodewise) or e4m3 operands (W4A4, with a low-rank term)."""
     from triton.experimental.gluon import language as gl
@@ -71,10 +71,12 @@ def block_scaled_build(dtype, block: int, n_blocks: int, rank: int, producer_war
     args = dict(zip(("a_desc", "w_desc", "sa_desc", "sw_desc"), descs), sa_ptr=a_scale_t, sw_ptr=w_scale_t, sa_len=M, sw_len=N, lora_ptr=torch.zeros(M, max(rank, 1)),
                 up_ptr=torch.zeros(N, max(rank, 1), dtype=out_dtype), bias_ptr=out, out_ptr=out, M=M, N=N, K=k,
                 R=rank, stride_om=N)
-    stages = sm90.default_stages(block, producer_warp, out.element_size(), rank_tile if rank else 0)
+    producer_warp = producer_warp or split
+    stages = sm90.default_stages(block, producer_warp, out.element_size(), rank_tile if rank else 0, split)
     constexprs = dict(PART=gl.int32 if dtype == torch.int8 else gl.float32, HAS_BIAS=bias, LOW_RANK=bool(rank),
                       BLOCK_R=rank_tile, STAGES=stages, GROUP_M=8, PRODUCER_WARP=producer_warp,
-                      SCALES_TMA=scales_by_tma, num_warps=sm90.NUM_WARPS)
+                      SCALES_TMA=scales_by_tma, SPLIT=split,
+                      num_warps=sm90.NUM_WARPS // 2 if split else sm90.NUM_WARPS)
     return sm90.block_scaled_mm_kernel, args, constexprs
 
 

@@ -29,3 +29,16 @@ def test_w4a4_kernel_builds_async_and_unspilled(out_dtype):
     ptx = build_ptx(*block_scaled_build(torch.float8_e4m3fn, 64, 5, rank=32, producer_warp=False, out_dtype=out_dtype))
     assert "e4m3.e4m3" in ptx and ".tf32.tf32" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
     assert_async_and_unspilled(ptx)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype,block,rank", [(torch.int8, 128, 0), (torch.int8, 64, 0), (torch.float8_e4m3fn, 64, 32)])
+def test_split_warpgroups_build_two_independent_consumers(dtype, block, rank):
+    """SPLIT: two one-warpgroup MMA partitions, each synchronising its own warps (named
+    barriers of 128 threads, not a CTA barrier) and releasing a ring stage with one arrive
+    from its first thread; the stage barriers expect both."""
+    ptx = build_ptx(*block_scaled_build(dtype, block, 5, rank=rank, producer_warp=True, split=True))
+    assert "mbarrier.init.shared::cta.b64" in ptx and "], 2;" in ptx, "the empty barriers must count two consumers"
+    assert "bar.sync \t0, 128;" in ptx and "bar.sync \t2, 128;" in ptx
+    assert ptx.count("wgmma.wait_group.sync.aligned 1") >= 4, "both consumers keep one MMA in flight"
+    assert_async_and_unspilled(ptx)

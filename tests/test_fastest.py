@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import KERNEL_DEVICE
+from support import KERNEL_DEVICE, relative_error
 
 from comfy_lowbit.kernels import fastest as fastest_module
 from comfy_lowbit.kernels import sm90
@@ -68,9 +68,10 @@ def test_errors_propagate(timed):
 
 @pytest.mark.skipif(not sm90.gluon_importable(), reason="this Triton has no Gluon Hopper API")
 @pytest.mark.parametrize("times,expected", [
-    ({"portable": 1.0, "sm90": 2.0, "sm90_producer": 3.0}, ("portable", None)),
-    ({"portable": 3.0, "sm90": 2.0, "sm90_producer": 1.0}, ("sm90", True)),
-    ({"portable": 3.0, "sm90": 1.0, "sm90_producer": 2.0}, ("sm90", False)),
+    ({"portable": 1.0, "sm90": 2.0, "sm90_producer": 3.0, "sm90_split": 4.0}, "portable"),
+    ({"portable": 3.0, "sm90": 2.0, "sm90_producer": 1.0, "sm90_split": 4.0}, "sm90_producer"),
+    ({"portable": 3.0, "sm90": 1.0, "sm90_producer": 2.0, "sm90_split": 4.0}, "sm90"),
+    ({"portable": 3.0, "sm90": 2.0, "sm90_producer": 4.0, "sm90_split": 1.0}, "sm90_split"),
 ])
 def test_int8_lodewise_takes_the_timed_winner(timed, monkeypatch, times, expected):
     """From SM90_MIN_M rows (below SM90_DEFAULT_M, where the untimed rule says portable)."""
@@ -80,11 +81,9 @@ def test_int8_lodewise_takes_the_timed_winner(timed, monkeypatch, times, expecte
 
     monkeypatch.delenv(sm90.SWITCH, raising=False)
     monkeypatch.setattr(sm90, "hopper_with_gluon", lambda device: True)
-    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90",
-                        lambda *a, producer_warp, **k: ("sm90", producer_warp))
-    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: ("portable", None))
-    timed.update({("portable", None): times["portable"], ("sm90", False): times["sm90"],
-                  ("sm90", True): times["sm90_producer"]})
+    monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **warps: _plan_of(warps))
+    monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: "portable")
+    timed.update(times)
     w_q, w_s = quantize_blockwise_reference(torch.randn(64, 256), 128)
     a_q, a_s = quantize_blockwise_reference(torch.randn(int8_lodewise.SM90_MIN_M, 256), 128)
     out = int8_lodewise._w8a8(a_q, a_s.t().contiguous(), w_q, int8_lodewise.column_major(w_s), 128, None,
@@ -97,15 +96,20 @@ def test_w4a4_takes_the_timed_winner(timed, monkeypatch):
     from comfy_lowbit.kernels import w4a4_gemm_sm90
     from comfy_lowbit.layouts import w4a4
 
-    monkeypatch.setattr(w4a4_gemm_sm90, "w4a4_gemm_sm90", lambda *a, producer_warp, **k: ("sm90", producer_warp))
-    timed.update({("portable",): 2.0, ("sm90", False): 1.0, ("sm90", True): 3.0})
+    monkeypatch.setattr(w4a4_gemm_sm90, "w4a4_gemm_sm90", lambda *a, **warps: _plan_of(warps))
+    timed.update({"portable": 2.0, "sm90": 1.0, "sm90_producer": 3.0, "sm90_split": 4.0})
     params = w4a4.W4A4Layout.Params(scale=torch.zeros(2, 64), orig_dtype=torch.bfloat16, orig_shape=(64, 128),
                                     proj_down=torch.zeros(128, 32), proj_up=torch.zeros(64, 32),
                                     smooth_factor=torch.ones(128))
     codes = torch.zeros(256, 128, dtype=torch.float8_e4m3fn)
-    out = w4a4._fastest_streaming_gemm(lambda: ("portable",), codes, torch.zeros(2, 256), codes[:64], params,
+    out = w4a4._fastest_streaming_gemm(lambda: "portable", codes, torch.zeros(2, 256), codes[:64], params,
                                        torch.zeros(256, 32), None, torch.bfloat16)
-    assert out == ("sm90", False)
+    assert out == "sm90"
+
+
+def _plan_of(warps: dict) -> str:
+    """The WARP_PLANS name of a Hopper launch's keyword arguments (what a fake launch returns)."""
+    return next(name for name, kwargs in sm90.WARP_PLANS.items() if kwargs == warps)
 
 
 def test_w4a4_quantizer_runs_the_timed_configuration(timed, monkeypatch):
@@ -123,15 +127,18 @@ def test_w4a4_quantizer_runs_the_timed_configuration(timed, monkeypatch):
     g = torch.Generator().manual_seed(3)
     m, k, r = wq.TUNE_MIN_ROWS, 128, 8
     x = torch.randn(m, k, generator=g).to(KERNEL_DEVICE, torch.bfloat16)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(KERNEL_DEVICE)
-    down = (torch.randn(k, r, generator=g) / 8).to(KERNEL_DEVICE)
+    # bf16 throughout, as a layout calls it (fp32 operands would take tf32 on the GPU)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(KERNEL_DEVICE, torch.bfloat16)
+    down = (torch.randn(k, r, generator=g) / 8).to(KERNEL_DEVICE, torch.bfloat16)
     codes, ascales, lora = wq.quantize_activations(x, smooth, down)
     ref_codes, ref_scales, ref_lora = wq.quantize_activations_reference(x, smooth, down)
     assert seen[-1] == 32, "the last launch (the returned result) used the winner's 32-row tile"
     assert len(seen) == len(wq.TUNED_CONFIGS) + 1
-    assert torch.equal(natural_group_order(codes), ref_codes.to(codes.dtype))
+    diff = (natural_group_order(codes).int() - ref_codes.int()).abs()
+    # the GPU's division may round a value at a code boundary the other way (test_w4a4_kernels)
+    assert diff.max() <= (1 if KERNEL_DEVICE == "cuda" else 0) and (diff > 0).sum() <= diff.numel() // 1000
     assert torch.allclose(ascales, ref_scales, rtol=1e-6, atol=0)
-    assert torch.allclose(lora.sum(0), ref_lora, rtol=1e-4, atol=1e-5)
+    assert relative_error(lora.sum(0), ref_lora) < 1e-5
 
 
 class _Recorder:
@@ -147,7 +154,7 @@ class _Recorder:
         return launch
 
 
-@pytest.mark.parametrize("m,winner", [(4, "dequant_cublas"), (12, "gemv_lut")])
+@pytest.mark.parametrize("m,winner", [(4, "dequant_cublas"), (7, "gemv_lut")])
 def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
     """From 2 to TIMED_MAX_M rows the NF4 linear times the v5 GEMV against dequantize +
     cuBLAS once per shape and runs the winner (whatever the untimed rule says)."""

@@ -279,14 +279,17 @@ from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
 from sm90_support import needs_gluon  # noqa: E402
 
 SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
+# The kernel's three ways of running its warps: in step, with a producer warp, and as two
+# independent MMA warpgroups (block_scaled_gemm_sm90.block_scaled_mm_kernel)
+WARP_PLANS = {"together": {}, "producer": {"producer_warp": True}, "split": {"split_warpgroups": True}}
 
 
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
 @pytest.mark.parametrize("block", (64, 128))
 @pytest.mark.parametrize("m,n,kb", [(1, 40, 1), (17, 200, 2), (300, 264, 3), (129, 136, 5), (1000, 520, 8)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("producer_warp", (False, True))
-def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, producer_warp):
+@pytest.mark.parametrize("warps", WARP_PLANS)
+def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, warps):
     from comfy_lowbit.kernels.int8_gemm_sm90 import w8a8_matmul_sm90
 
     k = kb * block
@@ -294,7 +297,7 @@ def test_sm90_w8a8_matches_exact_integer_reference(block, m, n, kb, out_dtype, p
     x = outlier_matrix(m, k, seed=m * n + kb, scale=25.0).to(torch.bfloat16)
     bias = torch.randn(n).to(out_dtype).to(KERNEL_DEVICE) if m % 2 else None
     q, scale_t = _quantize_on_device(x, block)
-    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype, producer_warp=producer_warp)
+    out = w8a8_matmul_sm90(q, scale_t, w_q, w_s, block, bias, out_dtype, **WARP_PLANS[warps])
     assert out.shape == (m, n) and out.dtype == out_dtype
     _check_w8a8(out, q, scale_t, w_q, w_s, block, bias)
 

@@ -219,13 +219,16 @@ def test_layout_linear_on_gpu_matches_reference(dtype, batch):
 from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
 
 SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
+# The kernel's three ways of running its warps: in step, with a producer warp, and as two
+# independent MMA warpgroups (block_scaled_gemm_sm90.block_scaled_mm_kernel)
+WARP_PLANS = {"together": {}, "producer": {"producer_warp": True}, "split": {"split_warpgroups": True}}
 
 
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
 @pytest.mark.parametrize("m,n,k,r", [(300, 200, 320, 32), (129, 72, 192, 20), (1, 40, 64, 8), (1000, 264, 512, 128)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("producer_warp", [False, True])
-def test_sm90_gemm_matches_reference(m, n, k, r, out_dtype, producer_warp):
+@pytest.mark.parametrize("warps", WARP_PLANS)
+def test_sm90_gemm_matches_reference(m, n, k, r, out_dtype, warps):
     """Odd M and N (TMA zero-fill, masked stores), odd and even group counts (the loop's tail),
     ranks that are not a power of two, bias on odd M."""
     from comfy_lowbit.kernels.w4a4_gemm_sm90 import w4a4_gemm_sm90
@@ -236,7 +239,7 @@ def test_sm90_gemm_matches_reference(m, n, k, r, out_dtype, producer_warp):
     fp8 = torch.float8_e4m3fn
     poison = torch.full((m, n), float("nan"), dtype=out_dtype, device=KERNEL_DEVICE)
     out = w4a4_gemm_sm90(split_group_order(codes).to(fp8), ascales, unpack_weight(qweight, fp8), wscales, lora, up,
-                         bias, out_dtype, out=poison, producer_warp=producer_warp)
+                         bias, out_dtype, out=poison, **WARP_PLANS[warps])
     ref = w4a4_gemm_reference(codes, ascales, qweight, wscales, lora, up, bias, torch.float32)
     # Exact group sums, fp32 scaling, tf32 low-rank term; bf16/fp16: one output rounding.
     tol = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 8e-3}[out_dtype]
