@@ -16,7 +16,7 @@ Methods:
 * ``w8a8``      ours: activation quantization kernel + int8 GEMM with per-block scales;
 * ``w8a8_sm90`` ours on Hopper: the same quantization + the Gluon GEMM that overlaps each
   block's rescale with the next block's MMA (kernels/int8_gemm_sm90.py), with the warp plan the
-  layout takes untimed (``int8_lodewise.SM90_DEFAULT_PLAN``; bench_sm90_plans.py compares plans);
+  layout takes (``int8_lodewise.SM90_PLAN``; bench_sm90_plans.py compares plans);
 * ``gemm_sm90`` that GEMM alone on pre-quantized activations (where the time goes);
 * ``w8a16``     ours weight-only (GEMV for M <= 4, tensor-core W8A16 above);
 * ``gemv_fixup`` M=1: the GEMV with its K slices summed in the same launch (experimental);
@@ -49,9 +49,9 @@ from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a16_matmul  # noqa: E4
 from comfy_lowbit.kernels.int8_gemv import w8a16_gemv  # noqa: E402
 from comfy_lowbit.kernels.int8_quant import quantize_rows  # noqa: E402
 from comfy_lowbit.kernels.sm90 import WARP_PLANS, hopper_with_gluon  # noqa: E402
-from comfy_lowbit.layouts.int8_lodewise import SM90_DEFAULT_PLAN  # noqa: E402
+from comfy_lowbit.layouts import int8_lodewise  # noqa: E402
 
-SM90_PLAN = WARP_PLANS[SM90_DEFAULT_PLAN]
+SM90_PLAN = WARP_PLANS[int8_lodewise.SM90_PLAN]
 from comfy_lowbit.layouts.int8_lodewise import W8A16_MAX_M  # noqa: E402
 
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]

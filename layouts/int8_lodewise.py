@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 import torch
 from comfy_kitchen.tensor import BaseLayoutParams, QuantizedTensor
 
-from ..kernels.fastest import m_bucket
 from ..kernels.int8_gemm import w8a8_matmul, w8a16_matmul
 from ..kernels.int8_gemv import w8a16_gemv
 from ..kernels.int8_quant import BLOCK_SIZES, dequantize_blockwise_reference, quantize_blockwise_reference, quantize_rows
@@ -169,39 +168,33 @@ class BlockWiseINT8LayoutLodeWise(LowBitLayout):
         return out.reshape(*x.shape[:-1], n)
 
 
-# The Hopper kernel is a candidate from SM90_MIN_M rows (below, its 128-row tiles are mostly
-# padding) and, where the candidates are not timed (``fastest``), the choice from
-# SM90_DEFAULT_M rows, with its warpgroups split: on the H100 that GEMM ran at 1.04-1.25x
-# bf16 at 1024 and 4096 rows on the three large FLUX shapes, where the portable W8A8 kernel
-# runs at 0.65-0.75x (benchmarks/NOTES.md, int8 version 4).
+# The Hopper kernel (split warpgroups) serves from SM90_MIN_M rows (below, its 128-row tiles
+# are mostly padding). On the H100 its GPU time beat the portable W8A8 kernel at every
+# measured FLUX shape from 1024 rows (W8A8 incl. quantization 0.75-1.10x bf16 against
+# 0.72-0.76x; benchmarks/NOTES.md, int8 version 4), so it is not timed per shape: timing in
+# isolation charged it ~150 us more launch overhead per call and chose the portable kernel at
+# 1024 rows, which was slower on the GPU and no faster in the eager FLUX block.
 SM90_MIN_M = 1024
-SM90_DEFAULT_M = 1024
-SM90_DEFAULT_PLAN = "sm90_split"
+SM90_PLAN = "sm90_split"
 
 
 def _w8a8(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype):
-    """The fastest of the portable kernel and the Hopper one (rescales overlapped with the
-    MMAs; with or without its producer warp) for this shape, timed on the first call
-    (``fastest``); all compute the same sums (kernels/int8_gemm*.py)."""
-    from ..kernels.sm90 import fastest_of_portable_and_hopper, sm90_kernels_enabled
+    """The Hopper GEMM (rescales overlapped with the MMAs, kernels/int8_gemm_sm90.py) where it
+    serves, else the portable one; both compute the same sums."""
+    from ..kernels.sm90 import WARP_PLANS, run_sm90, sm90_kernels_enabled
 
     def portable():
         return w8a8_matmul(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype=out_dtype)
 
-    m = a_q.shape[0]
-    if m < SM90_MIN_M or not sm90_kernels_enabled(a_q.device):
+    if a_q.shape[0] < SM90_MIN_M or not sm90_kernels_enabled(a_q.device):
         return portable()
     from ..kernels import int8_gemm_sm90
 
     if not int8_gemm_sm90.accepts(a_q, w_q, w_scale, block):
         return portable()
-
-    def hopper(**warps):
-        return int8_gemm_sm90.w8a8_matmul_sm90(a_q, a_scale_t, w_q, w_scale, block, bias, out_dtype, **warps)
-
-    key = ("int8_lodewise W8A8", m_bucket(m), *w_q.shape, block, out_dtype, bias is not None, a_q.device)
-    return fastest_of_portable_and_hopper("int8_lodewise W8A8", key, portable, hopper,
-                                          default=SM90_DEFAULT_PLAN if m >= SM90_DEFAULT_M else "portable")
+    out = run_sm90("int8_lodewise W8A8", int8_gemm_sm90.w8a8_matmul_sm90, a_q, a_scale_t, w_q, w_scale, block,
+                   bias, out_dtype, **WARP_PLANS[SM90_PLAN])
+    return out if out is not None else portable()
 
 
 # ---------------------------------------------------------------------- checks

@@ -342,7 +342,7 @@ def test_layout_takes_the_hopper_kernel_only_when_enabled_and_accepted(monkeypat
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
     w_q, w_s = _weight(48, 2 * block, block, seed=1, scale_layout=scale_layout)
-    q, scale_t = quantize_blockwise_reference(outlier_matrix(int8_lodewise.SM90_DEFAULT_M, 2 * block, seed=2), block)
+    q, scale_t = quantize_blockwise_reference(outlier_matrix(int8_lodewise.SM90_MIN_M, 2 * block, seed=2), block)
     int8_lodewise._w8a8(q, scale_t.t().contiguous(), w_q, w_s, block, None, torch.bfloat16)
     assert calls == [expected]
 
@@ -359,7 +359,7 @@ def test_small_batches_stay_on_the_portable_kernel(monkeypatch):
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", lambda *a, **k: calls.append("sm90") or "out")
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: calls.append("portable"))
     w_q, w_s = _weight(48, 256, 128, seed=1)
-    for m in (int8_lodewise.SM90_DEFAULT_M - 1, int8_lodewise.SM90_DEFAULT_M):
+    for m in (int8_lodewise.SM90_MIN_M - 1, int8_lodewise.SM90_MIN_M):
         q, scale_t = quantize_blockwise_reference(outlier_matrix(m, 256, seed=m), 128)
         int8_lodewise._w8a8(q, scale_t.t().contiguous(), w_q, w_s, 128, None, torch.bfloat16)
     assert calls == ["portable", "sm90"]

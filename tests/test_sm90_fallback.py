@@ -54,6 +54,6 @@ def test_int8_lodewise_falls_back_to_the_portable_gemm(monkeypatch):
     monkeypatch.setattr(int8_gemm_sm90, "w8a8_matmul_sm90", _unbuildable)
     monkeypatch.setattr(int8_lodewise, "w8a8_matmul", lambda *a, **k: "portable")
     w_q, w_s = quantize_blockwise_reference(torch.randn(64, 256), 128)
-    a_q, a_s = quantize_blockwise_reference(torch.randn(int8_lodewise.SM90_DEFAULT_M, 256), 128)
+    a_q, a_s = quantize_blockwise_reference(torch.randn(int8_lodewise.SM90_MIN_M, 256), 128)
     out = int8_lodewise._w8a8(a_q, a_s.t().contiguous(), w_q, int8_lodewise.column_major(w_s), 128, None, torch.bfloat16)
     assert out == "portable"
