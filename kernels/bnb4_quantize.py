@@ -150,11 +150,12 @@ def quantize_tables(quant_type: str) -> tuple[list[float], int]:
 
 
 def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4", nested: bool = False,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, blocks_per_program: int | None = None):
     """Quantize ``x`` (any shape, fp16/bf16/fp32) like ``bnb4_codec.quantize_4bit``.
 
     Returns ``(packed, absmax)``, or with ``nested`` ``(packed, absmax_codes, nested_absmax, offset)``.
-    ``out`` = ``(packed, absmax)`` buffers to write into (tests poison them).
+    ``out`` = ``(packed, absmax)`` buffers to write into (tests poison them);
+    ``blocks_per_program`` pins the tile instead of tuning it (tests run every tuned tile).
     """
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"bnb4 quantize: quant_type: expected 'nf4' or 'fp4', got {quant_type!r}")
@@ -181,12 +182,13 @@ def bnb4_quantize(x: torch.Tensor, block_size: int = 64, quant_type: str = "nf4"
     if numel:
         kind, word = _X_KIND[flat.dtype]
         args = (flat.view(word), packed, absmax, numel, num_blocks, numel.bit_length(), 1e-38, *thresholds)
-        if AUTOTUNE:
+        if AUTOTUNE and blocks_per_program is None:
             grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCKS_PER_PROGRAM"]),)  # noqa: E731
             _quantize_tuned[grid](*args, QBLOCK=block_size, ORDER=order, X_KIND=kind)
         else:
             # 4096 elements per program: each thread loads 4 x 16 bytes (bf16) before it computes
-            per_program = max(1, min(64, 4096 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size))
+            per_program = blocks_per_program or (
+                max(1, min(64, 4096 // block_size)) if not INTERPRET else max(1, min(4, 256 // block_size)))
             _quantize_jit[(triton.cdiv(num_blocks, per_program),)](
                 *args, QBLOCK=block_size, BLOCKS_PER_PROGRAM=per_program, ORDER=order, X_KIND=kind, num_warps=4)
     if not nested:

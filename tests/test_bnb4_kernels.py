@@ -216,6 +216,28 @@ def test_quantize_bit_exact(quant_type, dtype, shape, block, nested):
         assert torch.equal(got[1].cpu(), absmax_ref)
 
 
+@pytest.mark.parametrize("block", [64, 256, 4096])
+def test_every_tuned_quantize_tile_is_bit_exact(block):
+    """On the GPU the quantizer's tile is autotuned (never under the interpreter or with
+    COMFY_LOWBIT_AUTOTUNE=0), so each tile the pruning keeps runs here, pinned: masked and
+    unmasked programs, bit-exact with the codec. The pruning keeps 2K-16K elements per
+    program (one block when a block is larger) and at most 64 elements per thread."""
+    from comfy_lowbit.kernels.bnb4_quantize import _prune_quantize, _quantize_configs
+
+    kept = _prune_quantize(_quantize_configs(), {}, QBLOCK=block)
+    assert kept
+    for config in kept:
+        elements = config.kwargs["BLOCKS_PER_PROGRAM"] * block
+        assert (2048 <= elements <= 16384 and elements <= 64 * 32 * config.num_warps) or len(kept) == 1
+    x = outlier_matrix(5, 3 * 4096 + 2 * block, seed=block).to(torch.bfloat16)  # not a multiple of any tile
+    packed_ref, absmax_ref = bnb4_codec.quantize_4bit(x, block, "nf4")
+    for per_program in sorted({c.kwargs["BLOCKS_PER_PROGRAM"] for c in kept}):
+        for rows in (x, x[:4, :4096].contiguous()):  # masked tiles; then 16384 values: whole tiles (EVEN)
+            ref = (packed_ref, absmax_ref) if rows is x else bnb4_codec.quantize_4bit(rows, block, "nf4")
+            got = bnb4_quantize(rows.to(KERNEL_DEVICE), block, "nf4", blocks_per_program=per_program)
+            assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1]), per_program
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_quantize_midpoint_ties_bit_exact(quant_type):
     """Every midpoint between codebook values, and its float32 neighbours, as scaled values
