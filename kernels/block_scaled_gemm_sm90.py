@@ -240,11 +240,12 @@ def block_scaled_mm_kernel(
 
     PRODUCER_WARP: one extra warp issues every TMA load (warp specialisation), so the MMA
     warps meet one barrier per block instead of one per copy; otherwise the MMA warps refill
-    the ring themselves. SPLIT (with the producer warp, num_warps=4): the tile's two 64-row
-    halves are two partitions of one warpgroup each, synchronised only through the ring's
-    barriers (a stage is free once both have released it), so one warpgroup's rescale can
-    run while the other's MMA holds the tensor cores, as in CUTLASS's ping-pong kernels;
-    together, one CTA barrier per block holds both warpgroups in step.
+    the ring themselves; either way one CTA barrier per block holds the two MMA warpgroups in
+    step. SPLIT (with the producer warp, num_warps=4): the tile's two 64-row halves are two
+    partitions of one warpgroup each, synchronised only through the ring's barriers (a stage
+    is free once both have released it), so one warpgroup's rescale can run while the other's
+    MMA holds the tensor cores, as in CUTLASS's ping-pong kernels. On the H100 SPLIT measured
+    level with the producer warp alone (benchmarks/NOTES.md, int8 version 4).
     """
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     QBLOCK: gl.constexpr = a_desc.block_type.shape[1]

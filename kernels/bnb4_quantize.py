@@ -129,8 +129,9 @@ def _prune_quantize(configs, named_args, **meta):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCKS_PER_PROGRAM"])]
 
 
-# size_class (log2 of the element count) keys the tuning: a checkpoint's few layer sizes
-# each tune once at load time (~20 ms), not every distinct tensor
+# size_class (bit length of the element count) keys the tuning: a checkpoint's few layer
+# sizes each tune once per process at load time (Triton's benchmark, ~0.1 s per kept tile),
+# not every distinct tensor
 _quantize_tuned = triton.autotune(_quantize_configs(), key=["size_class", "QBLOCK", "X_KIND"],
                                   prune_configs_by={"early_config_prune": _prune_quantize})(_quantize_jit)
 
