@@ -7,7 +7,8 @@
 # minutes on an H100 in all; the device tool allows 10 minutes per call and every step's
 # timeout is at most 9.5 minutes, so run one or two steps per call, e.g. STEPS="env tests"
 # (alone: the whole suite takes 5-8 min), STEPS="int8", STEPS="bnb4", STEPS="bnb4small w4a4",
-# STEPS="w4a4small block", STEPS="experimental diag".
+# STEPS="w4a4small block", STEPS="sm90plans host", STEPS="experimental diag"; STEPS="pytest" with
+# TESTS="tests/test_x.py ..." re-runs chosen tests.
 set -u
 out=${1:?usage: run_all_on_gpu.sh OUT_DIR [PEERS_TARBALL]}
 peers=${2:-.peers/site.tar.xz}
@@ -15,7 +16,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
-steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small w4a4 w4a4small block block_experimental"}
+steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small sm90plans w4a4 w4a4small block block_experimental host"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -47,5 +48,7 @@ step sm90plans 300 python3 benchmarks/bench_sm90_plans.py --ms 1024,4096 --stage
 step w4a4 300 python3 benchmarks/bench_w4a4.py
 step w4a4small 240 bash -c 'python3 benchmarks/bench_w4a4.py --small-m && python3 benchmarks/bench_w4a4.py --quant --batches 4096'
 step block 240 python3 benchmarks/bench_block.py
+# Host (CPU) time per launch of our GPU kernels, and where it goes
+step host 120 python3 benchmarks/profile_host.py
 # The FLUX block again with the not-yet-measured kernels switched on: what they change end to end
 step block_experimental 240 env COMFY_LOWBIT_EXPERIMENTAL=1 python3 benchmarks/bench_block.py
