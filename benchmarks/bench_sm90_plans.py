@@ -24,8 +24,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from comfy_lowbit.kernels.int8_quant import quantize_rows  # noqa: E402
-
-PLANS = {"together": {}, "producer": {"producer_warp": True}, "split": {"split_warpgroups": True}}
+from comfy_lowbit.kernels.sm90 import WARP_PLANS  # noqa: E402
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
 
 
@@ -78,7 +77,7 @@ def main() -> int:
             formats.append(("w4a4 R32", w4a4_operands(m, k, n, 32, dev)))
             for name, run in formats:
                 reference = run().float()
-                plans = [(plan, PLANS[plan]) for plan in PLANS]
+                plans = list(WARP_PLANS.items())
                 plans += [(f"split s{s}", {"split_warpgroups": True, "stages": s}) for s in extra_stages]
                 for plan, kwargs in plans:
                     label = f"{name} {plan}"

@@ -336,9 +336,12 @@ def default_stages(block: int, producer_warp: bool = False, out_bytes: int = 2, 
     warp-specialised partitions it does not, so those are reserved first.
     """
     stage_bytes = (BLOCK_M + BLOCK_N) * (block + 4)
-    reserved = BLOCK_M * BLOCK_N * out_bytes + (BLOCK_M + BLOCK_N) * rank_tile * 4 if producer_warp else 0
     if split:  # each half keeps its own low-rank buffers: (64 lora + 128 up rows) x 32 ranks
         reserved = BLOCK_M * BLOCK_N * out_bytes + 2 * (BLOCK_M // 2 + BLOCK_N) * min(rank_tile, 32) * 4
+    elif producer_warp:
+        reserved = BLOCK_M * BLOCK_N * out_bytes + (BLOCK_M + BLOCK_N) * rank_tile * 4
+    else:
+        reserved = 0
     return max(2, min(MAX_STAGES, (SMEM_FOR_STAGES - reserved) // stage_bytes))
 
 

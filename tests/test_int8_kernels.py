@@ -275,13 +275,10 @@ def test_autotuned_paths_on_gpu(m, monkeypatch):
 # ----------------------------------------------------------------------------- Hopper (Gluon)
 
 from comfy_lowbit.kernels import sm90  # noqa: E402
-from comfy_lowbit.kernels.sm90 import hopper_with_gluon  # noqa: E402
+from comfy_lowbit.kernels.sm90 import WARP_PLANS, hopper_with_gluon  # noqa: E402
 from sm90_support import needs_gluon  # noqa: E402
 
 SM90 = ON_GPU and hopper_with_gluon(torch.device(KERNEL_DEVICE))
-# The kernel's three ways of running its warps: in step, with a producer warp, and as two
-# independent MMA warpgroups (block_scaled_gemm_sm90.block_scaled_mm_kernel)
-WARP_PLANS = {"together": {}, "producer": {"producer_warp": True}, "split": {"split_warpgroups": True}}
 
 
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel needs a Hopper GPU")
