@@ -37,6 +37,7 @@ from triton.testing import do_bench
 from comfy_lowbit.kernels.bnb4_linear import Bnb4Weight, bnb4_linear, dequantize, dispatch_path
 from comfy_lowbit.kernels.bnb4_quantize import bnb4_quantize
 from comfy_lowbit.kernels.sm90 import hopper_with_gluon
+from tuning_log import format_tunings, log_tunings
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]  # (K, N)
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
@@ -289,9 +290,16 @@ def main() -> int:
     ms = [1, 16, 4096] if args.quick else MS
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
+    from comfy_lowbit.kernels import bnb4_linear as lin
+    tunings: list = []
+    for name in ("_gemv", "_gemv_lut"):
+        if hasattr(getattr(lin, name), "cache"):
+            log_tunings(getattr(lin, name), name, tunings)
     for k, n in shapes:
         paths = tuple(p for p in args.paths.split(",") if p and p != "none")
         bench_shape(k, n, bw, peak, rows, ms, args.double_quant, paths)
+    for line in format_tunings(tunings):
+        say(line)
     qrows = [] if args.no_quantize else bench_quantize(bw)
     try:
         report_kernels()

@@ -50,6 +50,7 @@ from comfy_lowbit.kernels.int8_gemv import w8a16_gemv  # noqa: E402
 from comfy_lowbit.kernels.int8_quant import quantize_rows  # noqa: E402
 from comfy_lowbit.kernels.sm90 import WARP_PLANS, hopper_with_gluon  # noqa: E402
 from comfy_lowbit.layouts import int8_lodewise  # noqa: E402
+from tuning_log import format_tunings, log_tunings  # noqa: E402
 
 SM90_PLAN = WARP_PLANS[int8_lodewise.SM90_PLAN]
 from comfy_lowbit.layouts.int8_lodewise import W8A16_MAX_M  # noqa: E402
@@ -108,7 +109,7 @@ def weight_copies(weight_bytes: int) -> int:
     return max(2, -(-128 * 2**20 // weight_bytes))
 
 
-def make_methods(w, bias):
+def make_methods(w, bias, gemv_splits=()):
     """name -> (prepare(x, copies) -> [callable per weight copy], bytes(m), kind)."""
     n, k = w.shape
     ours = QuantizedTensor.from_float(w, LAYOUT, block_size=BLOCK)
@@ -166,6 +167,14 @@ def make_methods(w, bias):
         return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias, fixup=True)
                 for q_ in ours_copies(copies)]
 
+    def gemv_split(split):  # M=1 only: the GEMV with a forced number of K slices (--gemv-splits)
+        def prepare(x, copies):
+            if x.shape[0] != 1:
+                raise ValueError("the GEMV serves M=1")
+            return [lambda q_=q_: w8a16_gemv(x, q_._qdata, q_._params.scale, BLOCK, bias, split=split)
+                    for q_ in ours_copies(copies)]
+        return prepare
+
     def dispatched(x, copies):
         return [lambda q_=q_: F.linear(x, q_, bias) for q_ in ours_copies(copies)]
 
@@ -176,6 +185,8 @@ def make_methods(w, bias):
         methods["gemm_sm90"] = (gemm_sm90, int8_bytes, "int8")
     methods["w8a16"] = (w8a16, int8_bytes, "w8a16")
     methods["gemv_fixup"] = (gemv_fixup, int8_bytes, "w8a16")
+    for split in gemv_splits:
+        methods[f"gemv_s{split}"] = (gemv_split(split), int8_bytes, "w8a16")
     methods["ours"] = (dispatched, int8_bytes, "int8")
     return methods
 
@@ -304,11 +315,13 @@ def main() -> int:
     parser.add_argument("--ms", default=",".join(map(str, BATCHES)))
     parser.add_argument("--skip", default="", help="comma-separated methods to skip")
     parser.add_argument("--variants", type=int, default=0, help="also time W8A8 tile variants at this M")
+    parser.add_argument("--gemv-splits", default="", help="also time the M=1 GEMV with these K slice counts, e.g. 1,2,4,8")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     batches = [int(v) for v in args.ms.split(",")]
     skip = set(filter(None, args.skip.split(",")))
+    gemv_splits = [int(v) for v in args.gemv_splits.split(",") if v]
 
     from importlib.metadata import version
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke run, not a measurement)"
@@ -327,11 +340,15 @@ def main() -> int:
     header = (f"{'K':>6} {'N':>6} {'M':>6} {'method':>10} {'us':>9} {'TOP/s':>7} {'GB/s':>7} {'floor_us':>9} {'x_floor':>7} "
               f"{'vs_bf16':>7} {'eager_us':>9}")
     print(header)
+    from comfy_lowbit.kernels import int8_gemv as gemv_module
+    tunings: list = []
+    if hasattr(gemv_module._gemv_tuned, "cache"):
+        log_tunings(gemv_module._gemv_tuned, "gemv", tunings)
     for k, n in shapes:
         gen = torch.Generator().manual_seed(k + n)
         w = (torch.randn(n, k, generator=gen) / k**0.5).to(dev, torch.bfloat16)
         bias = (0.1 * torch.randn(n, generator=gen)).to(dev, torch.bfloat16)
-        methods = {name: spec for name, spec in make_methods(w, bias).items() if name not in skip}
+        methods = {name: spec for name, spec in make_methods(w, bias, gemv_splits).items() if name not in skip}
         # Accuracy vs float64 of the unquantized operands on two outlier patterns: 1/16 of the
         # channels 20x (tests/support.py's), and 1/256 of the channels 100x (rarer, larger).
         for pattern, (frac, scale) in {"1/16x20": (16, 20.0), "1/256x100": (256, 100.0)}.items():
@@ -371,14 +388,15 @@ def main() -> int:
     print("\n# relative output error vs float64, x (256, K) bf16 with outlier channels (target <= 0.03)")
     for k, n, pattern, name, err in errors:
         print(f"{k:>6} {n:>6} {pattern:>10} {name:>9} {err:.4f}")
+    print("\n".join(format_tunings(tunings)))
     from comfy_lowbit.kernels import int8_gemm, int8_gemv
     for label, tuner in (("w8a8", int8_gemm._w8a8_tuned), ("w8a16", int8_gemm._w8a16_tuned), ("gemv", int8_gemv._gemv_tuned)):
         for key, config in getattr(tuner, "cache", {}).items():
             print(f"# tuned {label} {key}: {config}")
 
     print("\n# summary: speed-up vs bf16 (bf16 time / method time); targets: M>=1024 >= 1.3 (w8a8 incl. quant), M=1 >= 1.7")
-    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_sm90", "gemm_sm90", "w8a16", "gemv_fixup", "ours")
-             if nm not in skip]
+    names = [nm for nm in ("ck_w8a8", "int_mm", "w8a8", "w8a8_sm90", "gemm_sm90", "w8a16", "gemv_fixup",
+                           *(f"gemv_s{split}" for split in gemv_splits), "ours") if nm not in skip]
     print(f"{'K':>6} {'N':>6} {'M':>6} {'bf16_us':>8} " + " ".join(f"{nm:>10}" for nm in names))
     table = {(k, n, m, nm): us for k, n, m, nm, us in rows}
     for k, n in shapes:

@@ -199,6 +199,23 @@ def test_gemv_matches_reference(block, n, kb, dtype, split):
     _check_weight_only(out, x, w_q, w_s, block, bias)
 
 
+@pytest.mark.parametrize("tile", int8_gemv.GEMV_TILES, ids=lambda t: "x".join(map(str, t)))
+def test_every_gemv_tile_matches_reference(tile):
+    """Each autotune candidate, on K slices that its steps divide (unmasked, EVEN) and on
+    ones they do not (masked), with N not a multiple of its rows."""
+    block_n, step, warps = tile
+    block, n = 64, 37
+    config = {"BLOCK_N": block_n, "STEP_BLOCKS": step, "num_warps": warps}
+    for kb, split in ((2 * step, 2), (step + 1, 1)):
+        assert int8_gemv.even_steps(kb, split, step) == (split == 2)
+        k = kb * block
+        w_q, w_s = _weight(n, k, block, seed=k + block_n)
+        x = outlier_matrix(1, k, seed=step, scale=25.0).to(torch.bfloat16)
+        bias = torch.randn(n).to(KERNEL_DEVICE)
+        out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=config, split=split)
+        _check_weight_only(out, x, w_q, w_s, block, bias)
+
+
 @pytest.mark.parametrize("block", (64, 128))
 @pytest.mark.parametrize("n,kb,dtype,split", [(37, 3, torch.bfloat16, 2), (70, 5, torch.float16, 4), (9, 8, torch.float32, 8)])
 def test_gemv_single_launch_split_k(block, n, kb, dtype, split):
