@@ -131,7 +131,7 @@ def weight_bytes(w: Bnb4Weight) -> int:
     return w.packed.nbytes + w.absmax.nbytes + (0 if w.nested_absmax is None else w.nested_absmax.nbytes)
 
 
-PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas", "dequant_cublas_overlap")
+PATHS = ("gemv", "gemv_lut", "mma", "fused", "dequant_cublas", "dequant_cublas_overlap")
 
 
 def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: list[int],
@@ -157,7 +157,8 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         eager = {name: median_us(rotating(fns)) for name, fns in (("bf16", bf16_fns), ("bnb", bnb_fns), ("ours", ours_fns))}
         variants = {}
         for path in paths:
-            if (path == "gemv" and m > 16) or (path == "gemv_lut" and m > 8) or (path == "fused" and m > 4096):
+            if ((path == "gemv" and m > 16) or (path == "gemv_lut" and m > 8) or (path == "fused" and m > 4096)
+                    or (path == "mma" and m > 32)):
                 continue
             variants[path] = graph_us([lambda o=o, path=path: bnb4_linear(x, o, path=path) for _, _, o in nf4_copies])
         if m >= 256 and hopper_with_gluon(x.device):  # the Hopper fused GEMM, opt-in in the dispatch
@@ -166,7 +167,8 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         traffic = nf4_bytes + x.nbytes + m * n * 2
         floor = max(traffic / bw, flops / peak) * 1e6
         row = dict(K=k, N=n, M=m, bf16_us=t_bf16, bnb_us=t_bnb, ours_us=t_ours, path=dispatch_path(x, ours_w),
-                   gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), fused_us=variants.get("fused"),
+                   gemv_us=variants.get("gemv"), gemv_lut_us=variants.get("gemv_lut"), mma_us=variants.get("mma"),
+                   fused_us=variants.get("fused"),
                    dequant_cublas_us=variants.get("dequant_cublas"), overlap_us=variants.get("dequant_cublas_overlap"),
                    fused_sm90_us=variants.get("fused_sm90"),
                    ours_tflops=flops / t_ours / 1e6, ours_weight_gbs=nf4_bytes / t_ours / 1e3,
@@ -176,11 +178,36 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:8.1f}"  # noqa: E731
         say(f"{k:5d} {n:5d} {m:5d} | {t_bf16:8.1f} {t_bnb:8.1f} {t_ours:8.1f} {row['path']:>22s} | "
-            f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('fused'))} "
+            f"{fmt(variants.get('gemv'))} {fmt(variants.get('gemv_lut'))} {fmt(variants.get('mma'))} {fmt(variants.get('fused'))} "
             f"{fmt(variants.get('dequant_cublas'))} {fmt(variants.get('dequant_cublas_overlap'))} | "
             f"{row['ours_tflops']:6.1f} {row['ours_weight_gbs']:7.0f} {floor:8.1f} {row['floor_frac']:5.2f} | "
             f"{row['vs_bf16']:5.2f} {row['vs_bnb']:5.2f} {row['bnb_vs_bf16']:5.2f} | "
             f"{eager['bf16']:7.1f} {eager['bnb']:7.1f} {eager['ours']:7.1f} | {err:.1e} | {fmt(variants.get('fused_sm90'))}")
+
+
+def bench_mma_tiles(shapes, ms: list[int], double_quant: bool) -> None:
+    """GPU time (CUDA graphs) of every skinny tensor-core tile, each with the launcher's K split
+    and with half of it: the eager timing ``fastest`` does is mostly host time at these sizes."""
+    from comfy_lowbit.kernels import bnb4_mma
+    from comfy_lowbit.kernels.bnb4_linear import _launch_mma
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k, n in shapes:
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        _, _, ours_w = bnb_weight(w, double_quant)
+        copies = [clone_weight(ours_w) for _ in range(copies_needed(weight_bytes(ours_w)))]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            cells = []
+            for bn, step, warps, prefetch in bnb4_mma.MMA_TILES_SWEEP:
+                auto = bnb4_mma.split_for(n, k, 64, bn, step, sms)
+                steps = k // 64 // step
+                for split in sorted({auto, max(d for d in range(1, auto // 2 + 1) if steps % d == 0) if auto > 1 else 1}):
+                    tile = dict(BLOCK_N=bn, STEP_BLOCKS=step, num_warps=warps, SPLIT=split, PREFETCH=prefetch)
+                    us = graph_us([lambda o=o, tile=tile: _launch_mma(x, o, None, out, config=tile) for o in copies])
+                    cells.append(f"{bn}x{step}x{warps}{'p' if prefetch else ''}/s{split} {us:.1f}")
+            say(f"# mma tiles K={k} N={n} M={m}: " + ", ".join(cells))
 
 
 def bench_quantize(bw: float) -> list[dict]:
@@ -265,6 +292,7 @@ def main() -> int:
     parser.add_argument("--double-quant", action="store_true", help="double-quantized absmax (uint8 + nested)")
     parser.add_argument("--paths", default=",".join(PATHS), help="the forced paths to time besides the dispatched one ('none': only that one)")
     parser.add_argument("--no-quantize", action="store_true", help="skip the quantize/dequantize timings")
+    parser.add_argument("--mma-tiles", action="store_true", help="only the skinny tensor-core tile sweep (CUDA graphs)")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +308,7 @@ def main() -> int:
         "median per call = GPU time; e:* = eager do_bench medians (host launch overhead included when it "
         "exceeds the L2 flush). gemv/fused/dq+cuBLAS/overlap = our paths forced (overlap: the dequantize of the next row range "
         "on a side stream beside cuBLAS); ours = the dispatched one (timed per shape on its first call).")
-    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>22} | {'gemv':>8} {'gemv_lut':>8} {'fused':>8} "
+    say(f"{'K':>5} {'N':>5} {'M':>5} | {'bf16':>8} {'bnb':>8} {'ours':>8} {'path':>22} | {'gemv':>8} {'gemv_lut':>8} {'mma':>8} {'fused':>8} "
         f"{'dq+cuBLAS':>8} {'overlap':>8} | {'TF/s':>6} {'W GB/s':>7} {'floor':>8} {'fl/t':>5} | {'xbf16':>5} {'xbnb':>5} {'bnb/bf':>5} | "
         f"{'e:bf16':>7} {'e:bnb':>7} {'e:ours':>7} | err | {'sm90':>8}")
     rows: list[dict] = []
@@ -291,10 +319,23 @@ def main() -> int:
     if args.ms:
         ms = [int(v) for v in args.ms.split(",")]
     from comfy_lowbit.kernels import bnb4_linear as lin
+    import logging
+
+    class _Say(logging.Handler):  # the per-shape timings of kernels/fastest.py, into the report
+        def emit(self, record):
+            say(f"# fastest: {record.getMessage()}")
+
+    fastest_log = logging.getLogger("comfy_lowbit.kernels.fastest")
+    fastest_log.setLevel(logging.DEBUG)
+    fastest_log.addHandler(_Say())
     tunings: list = []
     for name in ("_gemv", "_gemv_lut"):
         if hasattr(getattr(lin, name), "cache"):
             log_tunings(getattr(lin, name), name, tunings)
+    if args.mma_tiles:
+        bench_mma_tiles(shapes, ms, args.double_quant)
+        (out_dir / "bnb4.txt").write_text("\n".join(LINES) + "\n")
+        return 0
     for k, n in shapes:
         paths = tuple(p for p in args.paths.split(",") if p and p != "none")
         bench_shape(k, n, bw, peak, rows, ms, args.double_quant, paths)

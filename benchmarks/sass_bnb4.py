@@ -31,13 +31,14 @@ from comfy_lowbit.kernels import bnb4_quantize as qz
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sass(jit, signature: dict, constexprs: dict, multiple_of_16: list[str], num_warps: int) -> tuple[str, str]:
+def compile_sass(jit, signature: dict, constexprs: dict, multiple_of_16: list[str], num_warps: int,
+                 num_stages: int = 3) -> tuple[str, str]:
     names = list(inspect.signature(jit.fn).parameters)
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in multiple_of_16}
     src = triton.compiler.ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

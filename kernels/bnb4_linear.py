@@ -57,9 +57,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import bnb4_codec, bnb4_lut
+from . import bnb4_codec, bnb4_lut, bnb4_mma
 from .bnb4_lut import lane_ids, lut_decode
 from .experimental import experimental_kernels_enabled
+from .split_k import arrival_counters
 from .tiling import grouped_tile_ids
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -574,13 +575,24 @@ def _m_bucket(m: int) -> int:
 TIMED_MAX_M = 8
 
 
+# From MMA_MIN_M to MMA_RULE_MAX_M rows of float16/bfloat16 x the skinny tensor-core kernel
+# runs, by rule: in CUDA graphs on the H100 it beat the v5 GEMV at 4 rows on three FLUX shapes
+# of four (tied on 3072x3072) and dequantize + cuBLAS at 16 rows on all four, by 1.5-2.6x; at
+# 2 rows the GEMV measured faster (20.5 us against about 24 at 3072x12288).
+MMA_MIN_M = 3
+MMA_RULE_MAX_M = 16
+
+
 def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> str:
-    """The portable path ``bnb4_linear`` takes for these operands: the v5 GEMV at one row,
-    otherwise the fastest path for this shape (timed on its first call, ``_fastest_path``)."""
+    """The portable path ``bnb4_linear`` takes for these operands: the v5 GEMV at one row, the
+    skinny tensor-core kernel for 3-16 rows of 16-bit x, otherwise the fastest path for this
+    shape (timed on its first call, ``_fastest_path``)."""
     m = x2.shape[0]
     if m == 1:
         return choose_path(m)
+    if MMA_MIN_M <= m <= MMA_RULE_MAX_M and x2.dtype != torch.float32:
+        return "mma"
     return _fastest_path(x2, w, bias, out)
 
 
@@ -643,6 +655,8 @@ def bnb4_linear(
         _launch_gemv(x2, w, bias, out)
     elif path == "gemv_lut":
         _launch_gemv_lut(x2, w, bias, out)
+    elif path == "mma":
+        _launch_mma(x2, w, bias, out)
     elif path == "fused":
         _launch_matmul(x2, w, bias, out)
     elif path == "fused_sm90":
@@ -656,7 +670,7 @@ def bnb4_linear(
         else:  # cuBLASLt fuses a 1-D bias into its epilogue
             torch.addmm(bias.to(x.dtype), x2, weight.t(), out=out)
     else:
-        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'fused', 'fused_sm90', "
+        raise ValueError(f"bnb4 linear: path: expected 'gemv', 'gemv_lut', 'mma', 'fused', 'fused_sm90', "
                          f"'dequant_cublas' or 'dequant_cublas_overlap', got {path!r}")
     return out.reshape(*lead, n)
 
@@ -722,11 +736,12 @@ def _launch_gemv(x2, w: Bnb4Weight, bias, out) -> None:
 _LUT_WORDS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _lut_words(quant_type: str, device: torch.device) -> torch.Tensor:
-    """32 copies (one per lane) of the codebook's four LUT register words, int32."""
-    key = (quant_type, device)
+def _lut_words(quant_type: str, device: torch.device, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """32 copies (one per lane) of the codebook's four LUT register words (values rounded to
+    ``dtype``, float16 or bfloat16), int32."""
+    key = (quant_type, device, dtype)
     if key not in _LUT_WORDS:
-        _LUT_WORDS[key] = bnb4_lut.register_words(quant_type).repeat(32).to(device)
+        _LUT_WORDS[key] = bnb4_lut.register_words(quant_type, dtype).repeat(32).to(device)
     return _LUT_WORDS[key]
 
 
@@ -759,6 +774,42 @@ def _launch_gemv_lut(x2, w: Bnb4Weight, bias, out) -> None:
     else:
         key = ("gemv_lut", n, k, x2.dtype, *meta.values())
         _run_tuned(_gemv_lut, _gemv_lut_jit, key, grid_of, args, meta)
+
+
+def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> None:
+    """The skinny tensor-core kernel (``bnb4_mma``) for up to MMA_MAX_M rows of fp16/bf16 x,
+    with the measured tile for the layer's width (``bnb4_mma.default_tile``) and the K split
+    of ``bnb4_mma.split_for``; ``config`` forces a tile (and ``SPLIT``): tests, benchmarks."""
+    n, k = w.shape
+    m = x2.shape[0]
+    if m > bnb4_mma.MMA_MAX_M or x2.dtype == torch.float32:
+        _fail("mma path operands", f"at most {bnb4_mma.MMA_MAX_M} rows of float16/bfloat16 x",
+              f"{m} rows of {x2.dtype}")
+    code, _, dyn = _constants(w.quant_type, x2.device)
+    lut = 0 if INTERPRET else (1 if w.quant_type == "nf4" else 2)
+    words = _lut_words(w.quant_type, x2.device, x2.dtype) if lut else code
+    meta = dict(QBLOCK=w.block_size, BLOCK_M=bnb4_mma.block_m(m), HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant, LUT=lut,
+                DOT_FP32=INTERPRET)
+    tile = dict(config or bnb4_mma.default_tile(n))
+    warps = tile.pop("num_warps", 4)
+    if (k // w.block_size) % tile["STEP_BLOCKS"]:
+        tile["STEP_BLOCKS"] = 1
+    split = tile.pop("SPLIT", None) or bnb4_mma.split_for(n, k, w.block_size, tile["BLOCK_N"], tile["STEP_BLOCKS"],
+                                                          _sm_count(x2.device.index) if x2.is_cuda else 4)
+    if (k // w.block_size // tile["STEP_BLOCKS"]) % split:
+        _fail("mma K split", f"a divisor of the {k // w.block_size // tile['STEP_BLOCKS']} steps of a row", split)
+    tiles = triton.cdiv(n, tile["BLOCK_N"])
+    partials = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
+    counters = arrival_counters(x2.device, tiles) if split > 1 else out
+    bnb4_mma.bnb4_mma_kernel[(tiles, split)](
+        x2, w.packed, *_absmax_args(w, dyn), code, words, bias if bias is not None else out, out,
+        partials, counters, m, n, k, x2.stride(0), out.stride(0), SPLIT=split, **meta, **tile,
+        num_warps=warps, num_stages=1)
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def _launch_matmul(x2, w: Bnb4Weight, bias, out) -> None:

@@ -42,15 +42,15 @@ import triton.language as tl
 from . import bnb4_codec
 
 
-def fp16_codebook_bits(quant_type: str) -> list[int]:
-    """The 16 codebook values rounded to float16, as unsigned 16-bit patterns."""
-    code = bnb4_codec.codebook(quant_type).to(torch.float32).to(torch.float16)
+def fp16_codebook_bits(quant_type: str, dtype: torch.dtype = torch.float16) -> list[int]:
+    """The 16 codebook values rounded to ``dtype`` (float16 or bfloat16), as unsigned 16-bit patterns."""
+    code = bnb4_codec.codebook(quant_type).to(torch.float32).to(dtype)
     return [int(b) & 0xFFFF for b in code.view(torch.int16).tolist()]
 
 
-def byte_planes(quant_type: str) -> tuple[list[int], list[int]]:
+def byte_planes(quant_type: str, dtype: torch.dtype = torch.float16) -> tuple[list[int], list[int]]:
     """(plane L, plane H): four 32-bit words each, entry e's low/high byte in byte e % 4 of word e // 4."""
-    bits = fp16_codebook_bits(quant_type)
+    bits = fp16_codebook_bits(quant_type, dtype)
     planes = []
     for shift in (0, 8):
         planes.append([sum(((bits[4 * w + i] >> shift) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)])
@@ -86,14 +86,29 @@ def emulate_lut_decode(word: int, quant_type: str) -> list[tuple[int, int]]:
     return out
 
 
-def register_words(quant_type: str) -> torch.Tensor:
+def emulate_lut_decode16(word: int, quant_type: str, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """``_asm16``'s steps on one packed word: per byte j, the 16-bit patterns of (hi, lo)."""
+    plane_l, plane_h = byte_planes(quant_type, dtype)
+    idx = word & 0x77777777
+    sel = ((word >> 1) & 0x44444444) | 0x32103210
+    hi, lo = [], []
+    for half in (0, 16):
+        i, s = idx >> half, sel >> half
+        p_l = prmt(prmt(plane_l[0], plane_l[1], i), prmt(plane_l[2], plane_l[3], i), s)
+        p_h = prmt(prmt(plane_h[0], plane_h[1], i), prmt(plane_h[2], plane_h[3], i), s)
+        for pair, out in ((prmt(p_l, p_h, 0x7351), hi), (prmt(p_l, p_h, 0x6240), lo)):
+            out += [pair & 0xFFFF, pair >> 16]
+    return list(zip(hi, lo))
+
+
+def register_words(quant_type: str, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """int32 (L[0], L[2], H[0], H[2]): the plane words the kernel loads once into registers.
 
     A ``prmt`` takes at most one of its two table words as an immediate; given both as
     immediates, ptxas re-creates the other with an extra instruction before every ``prmt``
     (seen in the SASS). Loaded values cannot be re-created, so they stay in 4 registers.
     """
-    plane_l, plane_h = byte_planes(quant_type)
+    plane_l, plane_h = byte_planes(quant_type, dtype)
     words = [plane_l[0], plane_l[2], plane_h[0], plane_h[2]]
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
@@ -130,9 +145,45 @@ def _asm(quant_type: str) -> str:
     return "\n".join(lines)
 
 
+def _asm16(quant_type: str, dtype: torch.dtype) -> str:
+    """Inline PTX for ``tl.inline_asm_elementwise(pack=4)`` with 16-bit outputs (float16 or
+    bfloat16, the codebook rounded to ``dtype``), for a tensor-core operand: no widening.
+    Triton packs two 16-bit results per 32-bit operand, the first element in the low half:
+    $0/$1 = the high nibbles' values of bytes (0, 1) / (2, 3), $2/$3 = the low nibbles'; $4 =
+    the four packed bytes; the ``register_words`` of ``dtype`` at $5, $9, $13, $17. The same
+    plane lookups as ``_asm``; only the final byte selectors differ (0x7351: bytes 1 and 3 of
+    each plane, the high nibbles; 0x6240: bytes 0 and 2, the low ones)."""
+    plane_l, plane_h = byte_planes(quant_type, dtype)
+    lines = [
+        "{",
+        ".reg .b32 idx, sel, i, s, a, b, pl, ph;",
+        "and.b32 idx, $4, 0x77777777;",
+        "shr.u32 sel, $4, 1;",
+        "and.b32 sel, sel, 0x44444444;",
+        "or.b32 sel, sel, 0x32103210;",
+    ]
+    for half, hi_out, lo_out in ((0, "$0", "$2"), (16, "$1", "$3")):
+        if half:
+            lines += ["shr.u32 i, idx, 16;", "shr.u32 s, sel, 16;"]
+        else:
+            lines += ["mov.b32 i, idx;", "mov.b32 s, sel;"]
+        for plane, regs, dst in ((plane_l, ("$5", "$9"), "pl"), (plane_h, ("$13", "$17"), "ph")):
+            lines += [f"prmt.b32 a, {regs[0]}, {plane[1]:#010x}, i;",
+                      f"prmt.b32 b, {regs[1]}, {plane[3]:#010x}, i;",
+                      f"prmt.b32 {dst}, a, b, s;"]
+        lines += [f"prmt.b32 {hi_out}, pl, ph, 0x7351;", f"prmt.b32 {lo_out}, pl, ph, 0x6240;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 NF4_ASM = tl.constexpr(_asm("nf4"))
 FP4_ASM = tl.constexpr(_asm("fp4"))
 ASM_CONSTRAINTS = tl.constexpr("=r," * 8 + "r" + ",r" * 16)
+NF4_ASM16 = tl.constexpr(_asm16("nf4", torch.float16))
+FP4_ASM16 = tl.constexpr(_asm16("fp4", torch.float16))
+NF4_ASM16_BF16 = tl.constexpr(_asm16("nf4", torch.bfloat16))
+FP4_ASM16_BF16 = tl.constexpr(_asm16("fp4", torch.bfloat16))
+ASM16_CONSTRAINTS = tl.constexpr("=r," * 4 + "r" + ",r" * 16)
 
 
 @triton.jit
@@ -155,4 +206,25 @@ def lut_decode(byte, l0, l2, h0, h2, IS_FP4: tl.constexpr):
     else:
         w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM, ASM_CONSTRAINTS, [byte, l0, l2, h0, h2],
                                                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    return w_hi, w_lo
+
+
+@triton.jit
+def lut_decode16(byte, l0, l2, h0, h2, IS_FP4: tl.constexpr, BF16: tl.constexpr):
+    """(hi, lo) codebook values of a uint8 tensor's nibbles as float16 (or bfloat16 with BF16),
+    for a tensor-core operand. GPU only. l0..h2: ``register_words(quant_type, dtype)``."""
+    if BF16:
+        if IS_FP4:
+            w_hi, w_lo = tl.inline_asm_elementwise(FP4_ASM16_BF16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM16_BF16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        if IS_FP4:
+            w_hi, w_lo = tl.inline_asm_elementwise(FP4_ASM16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     return w_hi, w_lo

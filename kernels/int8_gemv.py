@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .experimental import experimental_kernels_enabled
+from .split_k import arrival_counters
 from .int8_gemm import INTERPRETING, OUT_DTYPES, autotuning, int8_to_float, w8a16_reference
 
 w8a16_gemv_reference = w8a16_reference
@@ -151,21 +152,6 @@ else:
 PLAIN_GEMV = {"BLOCK_N": 8, "STEP_BLOCKS": 2}
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def fixup_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Arrival counters for FIXUP, zeroed once and kept (the kernel leaves them at zero), one
-    set per device and stream so that GEMVs on two streams never share one."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = counters
-    return counters
-
-
 def w8a16_gemv(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block_size: int,
     bias: torch.Tensor | None = None, *, config: dict | None = None, split: int | None = None,
@@ -198,7 +184,7 @@ def w8a16_gemv(
     kwargs = dict(HAS_BIAS=bias is not None, QBLOCK=block_size, SPLIT=split)
     if fixup:  # enough counters for the narrowest row tile any configuration uses
         smallest = min(min(t[0] for t in GEMV_TILES), PLAIN_GEMV["BLOCK_N"], (config or {}).get("BLOCK_N", 1 << 30))
-        kwargs.update(part_ptr=partials, count_ptr=fixup_counters(x.device, triton.cdiv(n, smallest)), FIXUP=True)
+        kwargs.update(part_ptr=partials, count_ptr=arrival_counters(x.device, triton.cdiv(n, smallest)), FIXUP=True)
     if config is None and autotuning():
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **kwargs)
     else:

@@ -27,7 +27,7 @@ BLOCK = 64
 K = 5 * BLOCK
 N = 3 * BLOCK  # odd multiples of the block: not a multiple of the 128-wide N tiles
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
-PATHS = ("gemv", "gemv_lut", "fused", "dequant_cublas", "dequant_cublas_overlap")
+PATHS = ("gemv", "gemv_lut", "mma", "fused", "dequant_cublas", "dequant_cublas_overlap")
 
 
 def make_weight(n: int, k: int, quant_type: str, double_quant: bool, seed: int, block: int = BLOCK) -> Bnb4Weight:
@@ -69,6 +69,8 @@ def to_cpu(w: Bnb4Weight) -> Bnb4Weight:
 def test_linear_matches_reference(path, m, quant_type, double_quant):
     if path == "gemv_lut" and m > 17:
         pytest.skip("the M=1 GEMV: 17 rows of x already cover the row axis (keeps CI fast)")
+    if path == "mma" and m > 32:
+        pytest.skip("the skinny tensor-core kernel serves up to 32 rows")
     weight = make_weight(N, K, quant_type, double_quant, seed=m)
     x = outlier_matrix(m, K, seed=100 + m).to(KERNEL_DEVICE, torch.bfloat16)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
@@ -79,6 +81,8 @@ def test_linear_matches_reference(path, m, quant_type, double_quant):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 @pytest.mark.parametrize("path", PATHS)
 def test_linear_activation_dtypes(path, quant_type, double_quant, dtype):
+    if path == "mma" and dtype == torch.float32:
+        pytest.skip("the skinny tensor-core kernel takes 16-bit x (test_mma_refuses_what_it_cannot_serve)")
     weight = make_weight(N, K, quant_type, double_quant, seed=7)
     x = outlier_matrix(3, K, seed=8).to(KERNEL_DEVICE, dtype)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(9)).to(KERNEL_DEVICE, dtype)
@@ -92,6 +96,48 @@ def test_linear_3d_input_odd_n_and_large_block(path):
     x = outlier_matrix(6, 3 * 128, seed=12).reshape(2, 3, 3 * 128).to(KERNEL_DEVICE, torch.bfloat16)
     bias = torch.randn(37, generator=torch.Generator().manual_seed(13)).to(KERNEL_DEVICE, torch.bfloat16)
     check_linear(x, weight, bias, path, torch.bfloat16)
+
+
+@pytest.mark.parametrize("split,block_n,step,prefetch", [(5, 64, 1, False), (2, 32, 2, False), (1, 128, 2, False),
+                                                         (5, 64, 1, True), (1, 32, 1, True)])
+def test_mma_split_k_in_one_launch(split, block_n, step, prefetch):
+    """K split in slices whose partials the last program of each column tile sums. Twice in a
+    row: the arrival counters it leaves behind must be zero again, or the second call fails."""
+    from comfy_lowbit.kernels.bnb4_linear import _launch_mma
+    from comfy_lowbit.kernels.split_k import arrival_counters
+
+    k = 4 * BLOCK if step == 2 else K
+    weight = make_weight(N, k, "nf4", True, seed=split)
+    for seed in (1, 2):
+        x = outlier_matrix(3, k, seed=seed).to(KERNEL_DEVICE, torch.bfloat16)
+        bias = torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE, torch.bfloat16)
+        out = torch.full((3, N), float("nan"), device=KERNEL_DEVICE, dtype=torch.bfloat16)
+        _launch_mma(x, weight, bias, out, config=dict(BLOCK_N=block_n, STEP_BLOCKS=step, SPLIT=split, PREFETCH=prefetch))
+        err = relative_error(out.cpu(), reference_bnb4_linear(x.cpu(), to_cpu(weight), bias.cpu()))
+        assert err <= TOLERANCE[torch.bfloat16], f"split {split}: rel. error {err:.3g}"
+    assert int(arrival_counters(out.device, 1).abs().sum()) == 0
+
+
+def test_mma_split_keeps_whole_steps_and_fills_the_gpu():
+    from comfy_lowbit.kernels.bnb4_mma import split_for
+
+    for n, k in ((3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072)):
+        split = split_for(n, k, 64, 128, 2, 132)
+        assert (k // 64 // 2) % split == 0
+        assert split == 1 or (n // 128) * split >= 2 * 132
+
+
+def test_mma_refuses_what_it_cannot_serve():
+    from comfy_lowbit.kernels.bnb4_linear import _launch_mma
+
+    weight = make_weight(N, K, "nf4", False, seed=3)
+    x = torch.randn(2, K).to(KERNEL_DEVICE, torch.bfloat16)
+    out = torch.empty(2, N, device=KERNEL_DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a divisor of the 5 steps"):
+        _launch_mma(x, weight, None, out, config=dict(BLOCK_N=64, STEP_BLOCKS=1, SPLIT=3))
+    for x in (torch.randn(33, K), torch.randn(2, K, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="at most 32 rows of float16/bfloat16"):
+            bnb4_linear(x.to(KERNEL_DEVICE, x.dtype if x.shape[0] == 2 else torch.bfloat16), weight, path="mma")
 
 
 def test_gemv_without_prefetch(monkeypatch):
@@ -154,6 +200,18 @@ def test_gemv_lut_even_tiles_through_the_dispatch():
     for m in (1, 2, 4):
         x = outlier_matrix(m, 8 * BLOCK, seed=72 + m).to(KERNEL_DEVICE, torch.bfloat16)
         check_linear(x, weight, None, None, torch.bfloat16)
+
+
+def test_dispatch_takes_the_tensor_core_kernel_for_3_to_16_rows_of_16_bit_x(monkeypatch):
+    from comfy_lowbit.kernels import bnb4_linear as lin
+
+    weight = make_weight(N, K, "nf4", True, seed=23)
+    ran = []
+    monkeypatch.setattr(lin, "_launch_mma", lambda *a, _l=lin._launch_mma, **k: ran.append(a[0].shape[0]) or _l(*a, **k))
+    for m, dtype in ((3, torch.bfloat16), (16, torch.float16), (1, torch.bfloat16), (4, torch.float32)):
+        x = outlier_matrix(m, K, seed=24 + m).to(KERNEL_DEVICE, dtype)
+        check_linear(x, weight, None, None, dtype)
+    assert ran == [3, 16]
 
 
 def test_dispatch_covers_every_m():

@@ -21,7 +21,10 @@ import triton.language as tl
 from comfy_lowbit.kernels import bnb4_codec, bnb4_lut
 
 QUANT_TYPES = ("nf4", "fp4")
-ALL_BYTES_AS_WORDS = [b | (b + 1) << 8 | (b + 2) << 16 | (b + 3) << 24 for b in range(0, 256, 4)]
+# Every byte in every position of a word, beside neighbours with other nibbles (so a decode
+# that swaps two bytes' values is caught)
+ALL_BYTES_AS_WORDS = [b | (b + 1) << 8 | (b + 2) << 16 | (b + 3) << 24 for b in range(0, 256, 4)] + [
+    b | ((b * 37 + 11) & 255) << 8 | ((b * 101 + 7) & 255) << 16 | ((b * 53 + 3) & 255) << 24 for b in range(256)]
 
 
 def expected_bits(quant_type: str) -> list[int]:
@@ -51,7 +54,7 @@ def test_emulated_decode_all_bytes(quant_type):
 
 
 def run_ptx(asm: str, operands: dict[int, int]) -> dict[int, int]:
-    """Execute the asm's instructions (the subset it uses) on Python ints; returns $0..$7."""
+    """Execute the asm's instructions (the subset it uses) on Python ints; returns every $n."""
     regs: dict[str, int] = {f"${i}": v for i, v in operands.items()}
 
     def val(tok: str) -> int:
@@ -83,7 +86,7 @@ def run_ptx(asm: str, operands: dict[int, int]) -> dict[int, int]:
             regs[dst] = f16_to_f32_bits(a[0])
         else:
             raise AssertionError(f"instruction not modelled: {line}")
-    return {i: regs[f"${i}"] for i in range(8)}
+    return {int(name[1:]): value for name, value in regs.items() if name.startswith("$")}
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -127,3 +130,64 @@ def test_gpu_lut_decode_all_bytes(quant_type):
     b = torch.arange(256)
     assert torch.equal(hi.cpu().view(torch.int32), code[b >> 4].view(torch.int32))
     assert torch.equal(lo.cpu().view(torch.int32), code[b & 15].view(torch.int32))
+
+
+DTYPES16 = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_emulated_decode16_all_bytes(quant_type, dtype):
+    bits = bnb4_lut.fp16_codebook_bits(quant_type, dtype)
+    for word in ALL_BYTES_AS_WORDS:
+        for j, (hi, lo) in enumerate(bnb4_lut.emulate_lut_decode16(word, quant_type, dtype)):
+            byte = (word >> (8 * j)) & 0xFF
+            assert (hi, lo) == (bits[byte >> 4], bits[byte & 15]), f"byte {byte:#04x}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_inline_ptx16_all_bytes(quant_type, dtype):
+    """The 16-bit asm: $0/$1 hold the high nibbles' values of bytes (0, 1)/(2, 3), two per
+    register, the first in the low half; $2/$3 the low nibbles'."""
+    asm = bnb4_lut._asm16(quant_type, dtype)
+    name = f"{quant_type.upper()}_ASM16" + ("_BF16" if dtype == torch.bfloat16 else "")
+    assert asm == getattr(bnb4_lut, name).value
+    words = [w & 0xFFFFFFFF for w in bnb4_lut.register_words(quant_type, dtype).tolist()]
+    bits = bnb4_lut.fp16_codebook_bits(quant_type, dtype)
+    for word in ALL_BYTES_AS_WORDS:
+        out = run_ptx(asm, {4: word, 5: words[0], 9: words[1], 13: words[2], 17: words[3]})
+        for j in range(4):
+            byte = (word >> (8 * j)) & 0xFF
+            hi = (out[j // 2] >> (16 * (j % 2))) & 0xFFFF
+            lo = (out[2 + j // 2] >> (16 * (j % 2))) & 0xFFFF
+            assert (hi, lo) == (bits[byte >> 4], bits[byte & 15]), f"byte {byte:#04x}"
+
+
+@triton.jit
+def decode16_all(bytes_ptr, words_ptr, hi_ptr, lo_ptr, IS_FP4: tl.constexpr, BF16: tl.constexpr):
+    offs = tl.arange(0, 256)
+    byte = tl.load(bytes_ptr + offs)
+    lane = bnb4_lut.lane_ids((256,))
+    l0 = tl.load(words_ptr + lane * 4)
+    l2 = tl.load(words_ptr + lane * 4 + 1)
+    h0 = tl.load(words_ptr + lane * 4 + 2)
+    h2 = tl.load(words_ptr + lane * 4 + 3)
+    hi, lo = bnb4_lut.lut_decode16(byte, l0, l2, h0, h2, IS_FP4, BF16)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on a GPU only")
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_gpu_lut_decode16_all_bytes(quant_type, dtype):
+    byte = torch.arange(256, dtype=torch.uint8, device="cuda")
+    words = bnb4_lut.register_words(quant_type, dtype).repeat(32).cuda()
+    hi = torch.full((256,), float("nan"), device="cuda", dtype=dtype)
+    lo = torch.full((256,), float("nan"), device="cuda", dtype=dtype)
+    decode16_all[(1,)](byte, words, hi, lo, IS_FP4=quant_type == "fp4", BF16=dtype == torch.bfloat16, num_warps=1)
+    code = bnb4_codec.codebook(quant_type).float().to(dtype)
+    b = torch.arange(256)
+    assert torch.equal(hi.cpu().view(torch.int16), code[b >> 4].view(torch.int16))
+    assert torch.equal(lo.cpu().view(torch.int16), code[b & 15].view(torch.int16))

@@ -152,10 +152,11 @@ class _Recorder:
         return launch
 
 
-@pytest.mark.parametrize("m,winner", [(4, "dequant_cublas"), (7, "gemv_lut")])
-def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
-    """From 2 to TIMED_MAX_M rows the NF4 linear times the v5 GEMV against dequantize +
-    cuBLAS once per shape and runs the winner (whatever the untimed rule says)."""
+@pytest.mark.parametrize("m,dtype,winner", [(2, torch.bfloat16, "dequant_cublas"), (7, torch.float32, "gemv_lut")])
+def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, dtype, winner):
+    """Where the skinny tensor-core kernel does not serve by rule (2 rows, or float32 x), the
+    NF4 linear times the v5 GEMV against dequantize + cuBLAS once per shape (up to
+    TIMED_MAX_M rows) and runs the winner (whatever the untimed rule says)."""
     from test_bnb4_kernels import check_linear, make_weight
 
     from comfy_lowbit.kernels import bnb4_linear as lin
@@ -166,14 +167,14 @@ def test_nf4_small_batches_run_the_timed_path(timed, monkeypatch, m, winner):
         launch = getattr(lin, {"gemv_lut": "_launch_gemv_lut", "dequant_cublas": "dequantize"}[path])
         monkeypatch.setattr(lin, launch.__name__, lambda *a, _l=launch, _p=path, **k: ran.append(_p) or _l(*a, **k))
     weight = make_weight(96, 256, "nf4", True, seed=m)
-    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.bfloat16)
-    check_linear(x, weight, None, None, torch.bfloat16)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, dtype)
+    check_linear(x, weight, None, None, dtype)
     assert ran[-1] == winner and set(ran) == {"gemv_lut", "dequant_cublas"}
     assert m <= lin.TIMED_MAX_M
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times real launches on a GPU")
-@pytest.mark.parametrize("layout,m", [("NF4Layout", 4), ("NF4Layout", 300), ("BlockWiseINT8LayoutLodeWise", 1024),
+@pytest.mark.parametrize("layout,m", [("NF4Layout", 2), ("NF4Layout", 300), ("BlockWiseINT8LayoutLodeWise", 1024),
                                       ("W4A4Layout", 2), ("W4A4Layout", 1024)])
 def test_timed_dispatch_on_gpu_matches_the_reference(monkeypatch, layout, m):
     """With the timing on (and Triton's own autotuning as the run has it), each timed layout's

@@ -13,6 +13,7 @@ import torch
 from comfy_lowbit.kernels import int8_gemm, int8_gemv
 from comfy_lowbit.kernels.int8_gemm import w8a8_matmul, w8a8_reference, w8a16_matmul, w8a16_reference
 from comfy_lowbit.kernels.int8_gemv import w8a16_gemv
+from comfy_lowbit.kernels.split_k import arrival_counters
 from comfy_lowbit.kernels.int8_quant import quantize_blockwise_reference, quantize_rows
 from comfy_lowbit.layouts.int8_lodewise import column_major
 
@@ -228,7 +229,7 @@ def test_gemv_single_launch_split_k(block, n, kb, dtype, split):
         x = outlier_matrix(1, k, seed=n + seed, scale=25.0).to(dtype)
         out = w8a16_gemv(x.to(KERNEL_DEVICE), w_q, w_s, block, bias, config=int8_gemv.PLAIN_GEMV, split=split, fixup=True)
         _check_weight_only(out, x, w_q, w_s, block, bias)
-    assert int(int8_gemv.fixup_counters(w_q.device, 1).abs().sum()) == 0
+    assert int(arrival_counters(w_q.device, 1).abs().sum()) == 0
 
 
 def test_weight_only_paths_propagate_nan():

@@ -1,0 +1,175 @@
+"""NF4/FP4 linear for a few rows of x (1-32) on tensor cores: ``y = x @ W.T + bias``.
+
+Why: the v5 GEMV (``bnb4_linear._bnb4_gemv_lut_kernel``) spends 7.2 SASS instructions per
+weight element on the H100, and a third of them (the float16 -> float32 widening of each
+decoded value, its FMA with x, x's own conversion) are arithmetic a tensor core does for
+free; and it decodes the weight once per 4 rows of x, so 16 rows cost four decodes. Here a
+program decodes a (BLOCK_N, B) tile of W once per quantization block into 16-bit values and
+hands it to one ``tl.dot`` against all (up to 32) rows of x: the decode is the only per-element
+work left, and it does not grow with M.
+
+Operands are those of ``bnb4_linear`` (bitsandbytes storage: byte j of a row holds element 2j
+in its high nibble and 2j+1 in its low nibble). The product is split by nibble,
+``W_hi @ x_even.T + W_lo @ x_odd.T``, so decoded values never need interleaving: x's even and
+odd columns are loaded apart instead (x is small and read from L2). Each quantization block's
+partial product is scaled by its absmax (decoded from double quant when present) in float32
+and added to the float32 accumulator, like the GEMV does, so the result differs from the
+reference only by the rounding of the decoded values to x's 16-bit type.
+
+Decode: on the GPU the ``prmt`` register LUT of ``bnb4_lut`` with the codebook rounded to x's
+dtype (float16: 2^-11 relative; bfloat16: 2^-9, the precision bitsandbytes' own dequantize
+to bfloat16 has); under the interpreter the exact codebook gather, rounded the same way.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .bnb4_lut import lane_ids, lut_decode16
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block, DOUBLE_QUANT: tl.constexpr):
+    """absmax of the quantization blocks ``block`` (decoded from double quant if present)."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block).to(tl.int32)
+        scale = tl.load(dyn_ptr + code) * tl.load(nested_ptr + block // 256) + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block).to(tl.float32)
+    return scale  # one return: Triton 3.6 rejects returns of different types in constexpr branches
+
+
+@triton.jit
+def bnb4_mma_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, words_ptr, bias_ptr, out_ptr,
+    part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
+    QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_BLOCKS: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT: tl.constexpr,
+    DOT_FP32: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+):
+    """Program (i, s): output columns [i*BLOCK_N, (i+1)*BLOCK_N) for all M (<= BLOCK_M) rows
+    of x, over the s-th of SPLIT equal slices of the quantization blocks of K.
+
+    Each step loads STEP_BLOCKS blocks of the tile's weight rows before decoding any, so
+    several loads are in flight per thread. Rows past N read row 0 and are not stored; every
+    slice is a whole number of steps (the launcher picks SPLIT so), so the loop needs no masks.
+
+    SPLIT > 1 (a layer too narrow, or too short, to give every SM a few programs): each
+    program stores its float32 partial in ``part_ptr`` (SPLIT, M, N) and counts itself in at
+    ``count_ptr[i]`` (acquire-release, after its stores); the program that arrives last sums the
+    SPLIT partials (read past L1, which is not coherent across SMs), adds the bias, writes the
+    output and sets the counter back to 0, so the counters are zeroed once, when allocated, and
+    CUDA-graph replays stay correct (the int8 GEMV's single-launch split-K, ``int8_gemv``).
+
+    DOT_FP32 (for the interpreter, whose bfloat16 ``tl.dot`` is not a floating-point product):
+    the same 16-bit values, multiplied in float32. PREFETCH (with STEP_BLOCKS = 1): each
+    block's weight bytes and x are loaded one block ahead, so a warp's loads are in flight
+    while it decodes (at 96-128 registers only 4-5 programs share an SM to hide latency).
+    """
+    HALF: tl.constexpr = QBLOCK // 2
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.where(n_ok, offs_n, 0)
+    byte_col = tl.arange(0, HALF)
+    byte_ptrs = packed_ptr + rows[None, :].to(tl.int64) * (K // 2) + byte_col[:, None]
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    # x's block as a (BLOCK_M, HALF, 2) tile, 16-byte loads; split into its even and odd
+    # columns in registers (one 2-byte load per element was 16 loads per thread and block)
+    x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + (2 * byte_col)[None, :, None] + tl.arange(0, 2)[None, None, :]
+    blocks_per_row = K // QBLOCK
+    per_split = blocks_per_row // SPLIT
+    block_of_row = rows * blocks_per_row
+    if LUT != 0:
+        lane = lane_ids((HALF, BLOCK_N))
+        l0 = tl.load(words_ptr + lane * 4)
+        l2 = tl.load(words_ptr + lane * 4 + 1)
+        h0 = tl.load(words_ptr + lane * 4 + 2)
+        h2 = tl.load(words_ptr + lane * 4 + 3)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kb_end = (split + 1) * per_split
+    if PREFETCH:
+        byte_next = tl.load(byte_ptrs + split * per_split * HALF)
+        x_next = tl.load(x_ptrs + split * per_split * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+    for kb0 in range(split * per_split, kb_end, STEP_BLOCKS):
+        for j in tl.static_range(STEP_BLOCKS):
+            kb = kb0 + j
+            if PREFETCH:  # STEP_BLOCKS == 1: the next block's loads go out before this one's math
+                byte = byte_next
+                x_pairs = x_next
+                kb_next = tl.minimum(kb + 1, kb_end - 1)  # past the slice: its last block again (cached)
+                byte_next = tl.load(byte_ptrs + kb_next * HALF)
+                x_next = tl.load(x_ptrs + kb_next * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+            else:
+                byte = tl.load(byte_ptrs + kb * HALF)  # (HALF, BLOCK_N) uint8: W's bytes, transposed
+                x_pairs = tl.load(x_ptrs + kb * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+            x_even, x_odd = tl.split(x_pairs)
+            if LUT != 0:
+                w_hi, w_lo = lut_decode16(byte, l0, l2, h0, h2, LUT == 2, x_ptr.dtype.element_ty == tl.bfloat16)
+            else:
+                w_hi = tl.load(code_ptr + (byte >> 4)).to(x_ptr.dtype.element_ty)
+                w_lo = tl.load(code_ptr + (byte & 15)).to(x_ptr.dtype.element_ty)
+            if DOT_FP32:
+                part = tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32))
+                part = tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), part)
+            else:
+                part = tl.dot(x_even, w_hi)
+                part = tl.dot(x_odd, w_lo, part)
+            scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb, DOUBLE_QUANT)
+            acc += part * scale[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptrs + split * M * N, acc, mask=out_mask)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(count_ptr + pid, 0)
+
+# Rows of x the kernel serves, and the tile by layer width. Measured on the H100 in CUDA graphs
+# (benchmarks/results/bnb4-mma-tiles-h100-2026-11-23-session5.txt, 7 tiles x 2 K splits, the
+# four FLUX shapes, 1/4/16 rows): 128 columns, one block per step, won on the wide layers
+# (N >= 8192) and 64 columns, two blocks per step, on N = 3072, each with ``split_for``'s K
+# split (the best or within 4% of it everywhere). Eager timing (``kernels/fastest.py``) cannot
+# choose here: at 10-40 us of GPU time per call it measures mostly the launch's host time.
+MMA_MAX_M = 32  # rows of x one program holds: a 16- or 32-row tile (``block_m``)
+WIDE_N = 8192
+WIDE_TILE = {"BLOCK_N": 128, "STEP_BLOCKS": 1, "num_warps": 4}
+NARROW_TILE = {"BLOCK_N": 64, "STEP_BLOCKS": 2, "num_warps": 4}
+# What benchmarks/bench_bnb4.py --mma-tiles times
+MMA_TILES_SWEEP = [(64, 2, 4, False), (64, 1, 4, True), (128, 1, 4, False), (128, 1, 4, True), (128, 2, 4, False),
+                   (256, 1, 8, True), (64, 4, 4, False)]
+
+
+def block_m(m: int) -> int:
+    """The MMA's M side for m rows of x: 16 (the smallest ``tl.dot`` tile) or 32."""
+    return 16 if m <= 16 else 32
+
+
+def default_tile(n: int) -> dict:
+    """The measured tile for a layer with N output columns (a copy: callers may change it)."""
+    return dict(WIDE_TILE if n >= WIDE_N else NARROW_TILE)
+
+
+def split_for(n: int, k: int, block: int, block_n: int, step_blocks: int, sms: int) -> int:
+    """K slices so that about 4 programs run per SM, each slice a whole number of steps.
+
+    A FLUX layer with N = 3072 has only 24 column tiles of 128: without splitting K, 108 of
+    132 SMs would idle. The slice count divides the row's steps (no tail in the loop)."""
+    steps = k // block // step_blocks
+    tiles = -(-n // block_n)
+    want = max(1, min(steps, -(-4 * sms // tiles)))
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return min(divisors, key=lambda d: (abs(d - want), d))
