@@ -1,4 +1,4 @@
-"""Offline SASS report for the NF4/FP4 kernels: compile for sm_90 without a GPU, count what matters.
+"""Offline SASS report for the NF4/FP4 kernels and the int8 GEMV: compile for sm_90 without a GPU.
 
 Why: the v5 kernels were designed and predicted from their SASS before any GPU run
 (``benchmarks/NOTES.md``, NF4 v5); this script reproduces those counts. For each kernel
@@ -108,11 +108,42 @@ def variants():
                ["xp_ptr", "packed_ptr", "absmax_ptr", "numel"], 4)
 
 
+MMA_SIG = dict(x_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*u8", nested_ptr="*fp32", offset_ptr="*fp32",
+               dyn_ptr="*fp32", code_ptr="*fp32", words_ptr="*i32", bias_ptr="*bf16", out_ptr="*bf16",
+               part_ptr="*fp32", count_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_om="i32")
+INT8_GEMV_SIG = dict(x_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", N="i32",
+                     K="i32", stride_wn="i32", stride_wsn="i32", stride_wsk="i32")
+
+
+def session5_variants():
+    """(name, jit, signature, constexprs, multiple-of-16 args, num_warps, elements per thread
+    and loop trip): the NF4 skinny tensor-core kernel and the int8 M=1 GEMV (NOTES.md, NF4 v7
+    and int8 version 5), both compiled with num_stages=1 as they are launched."""
+    from comfy_lowbit.kernels import bnb4_mma, int8_gemv
+
+    for bn, step, warps, prefetch in bnb4_mma.MMA_TILES_SWEEP:
+        consts = dict(QBLOCK=64, BLOCK_N=bn, BLOCK_M=16, STEP_BLOCKS=step, SPLIT=4, HAS_BIAS=False,
+                      DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=prefetch)
+        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''} (bf16 x, 16 rows, double quant)",
+               bnb4_mma.bnb4_mma_kernel, MMA_SIG, consts, ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps,
+               bn * 64 * step // (32 * warps))
+    for bn, step, warps in int8_gemv.GEMV_TILES:
+        consts = dict(HAS_BIAS=False, QBLOCK=128, SPLIT=1, BLOCK_N=bn, STEP_BLOCKS=step, EVEN=True)
+        yield (f"int8 gemv {bn}x{step}x{warps} (bf16 x, block 128, EVEN)", int8_gemv._gemv_kernel, INT8_GEMV_SIG,
+               consts, ["x_ptr", "w_ptr", "w_scale_ptr", "out_ptr", "K", "stride_wn"], warps,
+               bn * 128 * step // (32 * warps))
+
+
 def main() -> int:
     print(f"triton {triton.__version__}, target sm_90")
     for name, jit, sig, consts, div16, warps in variants():
         sass, usage = compile_sass(jit, sig, consts, div16, warps)
         print(f"{name}: {usage}; {loop_counts(sass)}")
+    for name, jit, sig, consts, div16, warps, per_thread in session5_variants():
+        sass, usage = compile_sass(jit, sig, consts, div16, warps, num_stages=1)
+        counts = loop_counts(sass)
+        per_element = int(counts.split()[1]) / per_thread
+        print(f"{name}: {usage}; {per_element:.2f} instructions per weight element; {counts}")
     return 0
 
 

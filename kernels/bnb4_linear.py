@@ -16,9 +16,11 @@ quantization block B (64 by default):
 Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 ``y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]``, accumulated in float32.
 
-Four portable paths; ``choose_path`` picks by the number of rows M of x, from the H100
-measurements in ``benchmarks/NOTES.md`` (currently: gemv for M = 1, dequantize + cuBLAS for
-M >= 2; with COMFY_LOWBIT_EXPERIMENTAL=1, gemv_lut for M <= 8). On Hopper, with
+Five portable paths; ``dispatch_path`` picks by the number of rows M of x, from the H100
+measurements in ``benchmarks/NOTES.md``: the v5 GEMV (``gemv_lut``) for one row, the skinny
+tensor-core kernel (``mma``, ``kernels/bnb4_mma.py``) for 3-16 rows of fp16/bf16 x, and for
+the rest the faster of the GEMV (up to 8 rows) and dequantize + cuBLAS, timed per shape on its
+first call. On Hopper, with
 ``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
 (``kernels/bnb4_gemm_sm90.py``: decode in the main loop overlapped with async wgmma):
 
@@ -29,10 +31,13 @@ M >= 2; with COMFY_LOWBIT_EXPERIMENTAL=1, gemv_lut for M <= 8). On Hopper, with
   the sum stays in float32. Small row tiles give enough programs to fill the GPU even when N
   is small, so no split-K (whose extra zero/reduce launches would cost more than a GEMV of
   these sizes takes). An autotuned variant issues the next step's loads before the math.
-* ``gemv_lut`` (v5, not yet measured on a GPU, hence opt-in): a thread owns whole 16-byte
+* ``gemv_lut`` (v5, the default for one row since session 3's measurement): a thread owns whole 16-byte
   chunks of W (128-bit loads, one absmax each) and keeps per-chunk sums, so the loop has no
   cross-thread traffic; the codebook is decoded by ``prmt`` from registers (``bnb4_lut``) on
   the GPU; one decode serves up to 4 rows of x.
+* ``mma``: W decoded once per quantization block to 16-bit values in registers and multiplied
+  with all rows of x by one ``tl.dot``; K split across programs, the partials summed by the
+  last one in the same launch (``bnb4_mma``).
 * ``fused``: a tensor-core GEMM that dequantizes the W tile in the main loop. It computes the
   transposed product ``y.T[n, m] = W[n, :] . x[m, :]`` so the dequantized W tile (made in
   registers) is the left operand and its rows fill the MMA's M dimension even when x has a

@@ -6,12 +6,16 @@ decoded value, its FMA with x, x's own conversion) are arithmetic a tensor core 
 free; and it decodes the weight once per 4 rows of x, so 16 rows cost four decodes. Here a
 program decodes a (BLOCK_N, B) tile of W once per quantization block into 16-bit values and
 hands it to one ``tl.dot`` against all (up to 32) rows of x: the decode is the only per-element
-work left, and it does not grow with M.
+work left, and it does not grow with M. Measured on the H100 (benchmarks/NOTES.md, NF4 v7):
+1.04-1.31x bf16 at 4-16 rows, where the GEMV and dequantize + cuBLAS gave 0.44-1.20x; at one
+row the GEMV stays faster (this kernel is latency-bound at 96-128 registers per thread).
 
 Operands are those of ``bnb4_linear`` (bitsandbytes storage: byte j of a row holds element 2j
 in its high nibble and 2j+1 in its low nibble). The product is split by nibble,
-``W_hi @ x_even.T + W_lo @ x_odd.T``, so decoded values never need interleaving: x's even and
-odd columns are loaded apart instead (x is small and read from L2). Each quantization block's
+``x_even @ W_hi.T + x_odd @ W_lo.T``, so decoded values never need interleaving: x's block is
+loaded as element pairs (16-byte loads) and split into its even and odd columns in registers.
+x is the MMA's M side: with W as M, Triton took wgmma with W through shared memory, one
+16-bit store per decoded value. Each quantization block's
 partial product is scaled by its absmax (decoded from double quant when present) in float32
 and added to the float32 accumulator, like the GEMV does, so the result differs from the
 reference only by the rounding of the decoded values to x's 16-bit type.
