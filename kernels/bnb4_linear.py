@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from . import bnb4_codec, bnb4_lut, bnb4_mma
-from .bnb4_lut import lane_ids, lut_decode
+from .bnb4_lut import load_register_words, lut_decode
 from .experimental import experimental_kernels_enabled
 from .split_k import arrival_counters
 from .tiling import grouped_tile_ids
@@ -251,14 +251,9 @@ def _bnb4_gemv_lut_kernel(
     pair_off = tl.broadcast_to(chunk[None, :, None] * 16 + lane[None, None, :], (BLOCK_N, KB, 16))
     num_chunks = ROW_BYTES // 16
     if LUT != 0:
-        # The LUT's register words, each lane loading its own copy (words_ptr holds 32 copies):
-        # a value ptxas can prove uniform it keeps in a uniform register and copies into a
-        # register before every prmt that uses it (one extra instruction per prmt in the SASS).
-        lane_id = lane_ids((BLOCK_N, KB))
-        l0 = tl.load(words_ptr + lane_id * 4)[:, :, None]
-        l2 = tl.load(words_ptr + lane_id * 4 + 1)[:, :, None]
-        h0 = tl.load(words_ptr + lane_id * 4 + 2)[:, :, None]
-        h2 = tl.load(words_ptr + lane_id * 4 + 3)[:, :, None]
+        # The LUT's register words, one copy per lane (``load_register_words`` says why)
+        l0, l2, h0, h2 = load_register_words(words_ptr, (BLOCK_N, KB))
+        l0, l2, h0, h2 = l0[:, :, None], l2[:, :, None], h0[:, :, None], h2[:, :, None]
     acc0 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)

@@ -113,29 +113,33 @@ def register_words(quant_type: str, dtype: torch.dtype = torch.float16) -> torch
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
+def _selector_lines(packed: str) -> list[str]:
+    """PTX computing every nibble's 3-bit index (idx) and half-table selector (sel) from the
+    packed word in operand ``packed``."""
+    return [f"and.b32 idx, {packed}, 0x77777777;", f"shr.u32 sel, {packed}, 1;",
+            "and.b32 sel, sel, 0x44444444;", "or.b32 sel, sel, 0x32103210;"]
+
+
+def _plane_lines(half: int, plane_l: list[int], plane_h: list[int], words: tuple[str, str, str, str]) -> list[str]:
+    """PTX looking up the plane-L and plane-H bytes (into pl, ph) of the 4 nibbles of the
+    word's low (half 0) or high (half 16) two bytes; ``words`` are the operands holding the
+    ``register_words`` (L[0], L[2], H[0], H[2])."""
+    lines = ["shr.u32 i, idx, 16;", "shr.u32 s, sel, 16;"] if half else ["mov.b32 i, idx;", "mov.b32 s, sel;"]
+    for plane, regs, dst in ((plane_l, words[:2], "pl"), (plane_h, words[2:], "ph")):
+        lines += [f"prmt.b32 a, {regs[0]}, {plane[1]:#010x}, i;",
+                  f"prmt.b32 b, {regs[1]}, {plane[3]:#010x}, i;",
+                  f"prmt.b32 {dst}, a, b, s;"]
+    return lines
+
+
 def _asm(quant_type: str) -> str:
     """Inline PTX for ``tl.inline_asm_elementwise(pack=4)``. Operands: $0-$3 = float32 value of
     byte j's high nibble, $4-$7 = of its low nibble, $8 = the four packed bytes, then the four
     ``register_words`` (int32, four operands each as pack=4 repeats them): $9, $13, $17, $21."""
     plane_l, plane_h = byte_planes(quant_type)
-    lines = [
-        "{",
-        ".reg .b32 idx, sel, i, s, a, b, pl, ph, w;",
-        ".reg .b16 e0, e1;",
-        "and.b32 idx, $8, 0x77777777;",
-        "shr.u32 sel, $8, 1;",
-        "and.b32 sel, sel, 0x44444444;",
-        "or.b32 sel, sel, 0x32103210;",
-    ]
+    lines = ["{", ".reg .b32 idx, sel, i, s, a, b, pl, ph, w;", ".reg .b16 e0, e1;", *_selector_lines("$8")]
     for half, first in ((0, 0), (16, 2)):
-        if half:
-            lines += ["shr.u32 i, idx, 16;", "shr.u32 s, sel, 16;"]
-        else:
-            lines += ["mov.b32 i, idx;", "mov.b32 s, sel;"]
-        for plane, regs, dst in ((plane_l, ("$9", "$13"), "pl"), (plane_h, ("$17", "$21"), "ph")):
-            lines += [f"prmt.b32 a, {regs[0]}, {plane[1]:#010x}, i;",
-                      f"prmt.b32 b, {regs[1]}, {plane[3]:#010x}, i;",
-                      f"prmt.b32 {dst}, a, b, s;"]
+        lines += _plane_lines(half, plane_l, plane_h, ("$9", "$13", "$17", "$21"))
         for j, interleave in ((first, "0x5140"), (first + 1, "0x7362")):
             lines += [f"prmt.b32 w, pl, ph, {interleave};",
                       "mov.b32 {e0, e1}, w;",
@@ -154,23 +158,9 @@ def _asm16(quant_type: str, dtype: torch.dtype) -> str:
     plane lookups as ``_asm``; only the final byte selectors differ (0x7351: bytes 1 and 3 of
     each plane, the high nibbles; 0x6240: bytes 0 and 2, the low ones)."""
     plane_l, plane_h = byte_planes(quant_type, dtype)
-    lines = [
-        "{",
-        ".reg .b32 idx, sel, i, s, a, b, pl, ph;",
-        "and.b32 idx, $4, 0x77777777;",
-        "shr.u32 sel, $4, 1;",
-        "and.b32 sel, sel, 0x44444444;",
-        "or.b32 sel, sel, 0x32103210;",
-    ]
+    lines = ["{", ".reg .b32 idx, sel, i, s, a, b, pl, ph;", *_selector_lines("$4")]
     for half, hi_out, lo_out in ((0, "$0", "$2"), (16, "$1", "$3")):
-        if half:
-            lines += ["shr.u32 i, idx, 16;", "shr.u32 s, sel, 16;"]
-        else:
-            lines += ["mov.b32 i, idx;", "mov.b32 s, sel;"]
-        for plane, regs, dst in ((plane_l, ("$5", "$9"), "pl"), (plane_h, ("$13", "$17"), "ph")):
-            lines += [f"prmt.b32 a, {regs[0]}, {plane[1]:#010x}, i;",
-                      f"prmt.b32 b, {regs[1]}, {plane[3]:#010x}, i;",
-                      f"prmt.b32 {dst}, a, b, s;"]
+        lines += _plane_lines(half, plane_l, plane_h, ("$5", "$9", "$13", "$17"))
         lines += [f"prmt.b32 {hi_out}, pl, ph, 0x7351;", f"prmt.b32 {lo_out}, pl, ph, 0x6240;"]
     lines.append("}")
     return "\n".join(lines)
@@ -194,19 +184,26 @@ def lane_ids(shape: tl.constexpr):
 
 
 @triton.jit
+def load_register_words(words_ptr, shape: tl.constexpr):
+    """(l0, l2, h0, h2): the four ``register_words`` as int32 tensors of ``shape``, each lane
+    loading its own copy (``words_ptr`` holds 32, one per lane). GPU only. Why per lane: a
+    value ptxas can prove uniform it keeps in a uniform register and copies into a register
+    before every ``prmt`` that uses it (one extra instruction per ``prmt`` in the SASS)."""
+    lane = lane_ids(shape)
+    return (tl.load(words_ptr + lane * 4), tl.load(words_ptr + lane * 4 + 1),
+            tl.load(words_ptr + lane * 4 + 2), tl.load(words_ptr + lane * 4 + 3))
+
+
+@triton.jit
 def lut_decode(byte, l0, l2, h0, h2, IS_FP4: tl.constexpr):
     """(hi, lo) float32 codebook values (float16-rounded) of a uint8 tensor's nibbles. GPU only.
 
     l0, l2, h0, h2: the four int32 ``register_words`` of the codebook, loaded once before the
     kernel's loop (Triton does not hoist loads out of loops).
     """
-    if IS_FP4:
-        w_hi, w_lo = tl.inline_asm_elementwise(FP4_ASM, ASM_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-    else:
-        w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM, ASM_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-    return w_hi, w_lo
+    asm: tl.constexpr = FP4_ASM if IS_FP4 else NF4_ASM
+    return tl.inline_asm_elementwise(asm, ASM_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -214,17 +211,10 @@ def lut_decode16(byte, l0, l2, h0, h2, IS_FP4: tl.constexpr, BF16: tl.constexpr)
     """(hi, lo) codebook values of a uint8 tensor's nibbles as float16 (or bfloat16 with BF16),
     for a tensor-core operand. GPU only. l0..h2: ``register_words(quant_type, dtype)``."""
     if BF16:
-        if IS_FP4:
-            w_hi, w_lo = tl.inline_asm_elementwise(FP4_ASM16_BF16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM16_BF16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        asm: tl.constexpr = FP4_ASM16_BF16 if IS_FP4 else NF4_ASM16_BF16
+        dtype = tl.bfloat16
     else:
-        if IS_FP4:
-            w_hi, w_lo = tl.inline_asm_elementwise(FP4_ASM16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        else:
-            w_hi, w_lo = tl.inline_asm_elementwise(NF4_ASM16, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    return w_hi, w_lo
+        asm: tl.constexpr = FP4_ASM16 if IS_FP4 else NF4_ASM16
+        dtype = tl.float16
+    return tl.inline_asm_elementwise(asm, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
+                                     dtype=(dtype, dtype), is_pure=True, pack=4)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bnb4_lut import lane_ids, lut_decode16
+from .bnb4_lut import load_register_words, lut_decode16
 
 
 @triton.jit
@@ -87,11 +87,7 @@ def bnb4_mma_kernel(
     per_split = blocks_per_row // SPLIT
     block_of_row = rows * blocks_per_row
     if LUT != 0:
-        lane = lane_ids((HALF, BLOCK_N))
-        l0 = tl.load(words_ptr + lane * 4)
-        l2 = tl.load(words_ptr + lane * 4 + 1)
-        h0 = tl.load(words_ptr + lane * 4 + 2)
-        h2 = tl.load(words_ptr + lane * 4 + 3)
+        l0, l2, h0, h2 = load_register_words(words_ptr, (HALF, BLOCK_N))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     kb_end = (split + 1) * per_split
     if PREFETCH:
