@@ -788,8 +788,8 @@ def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> Non
     code, _, dyn = _constants(w.quant_type, x2.device)
     lut = 0 if INTERPRET else (1 if w.quant_type == "nf4" else 2)
     words = _lut_words(w.quant_type, x2.device, x2.dtype) if lut else code
-    meta = dict(QBLOCK=w.block_size, BLOCK_M=bnb4_mma.block_m(m), HAS_BIAS=bias is not None, DOUBLE_QUANT=w.double_quant, LUT=lut,
-                DOT_FP32=INTERPRET)
+    meta = dict(QBLOCK=w.block_size, BLOCK_M=bnb4_mma.block_m(m), HAS_BIAS=bias is not None,
+                DOUBLE_QUANT=w.double_quant, LUT=lut, DOT_FP32=INTERPRET)
     tile = dict(config or bnb4_mma.default_tile(n))
     warps = tile.pop("num_warps", 4)
     if (k // w.block_size) % tile["STEP_BLOCKS"]:

@@ -34,7 +34,11 @@ from .bnb4_lut import load_register_words, lut_decode16
 
 @triton.jit
 def _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block, DOUBLE_QUANT: tl.constexpr):
-    """absmax of the quantization blocks ``block`` (decoded from double quant if present)."""
+    """absmax of the quantization blocks ``block`` (decoded from double quant if present).
+
+    ``bnb4_linear._block_absmax`` without its mask: rows past N read row 0 here, and the
+    masked loads cost this kernel 10-54 registers per thread (SASS, Triton 3.6), which it
+    cannot spare: it is latency-bound on its register count (benchmarks/NOTES.md, NF4 v7)."""
     if DOUBLE_QUANT:
         code = tl.load(absmax_ptr + block).to(tl.int32)
         scale = tl.load(dyn_ptr + code) * tl.load(nested_ptr + block // 256) + tl.load(offset_ptr)
