@@ -6,7 +6,7 @@
 # per step into OUT_DIR; a failing step is recorded and the next one still runs. About 25
 # minutes on an H100 in all; the device tool allows 10 minutes per call and every step's
 # timeout is at most 9.5 minutes, so run one or two steps per call, e.g. STEPS="env tests"
-# (alone: the whole suite takes 5-8 min), STEPS="int8", STEPS="bnb4", STEPS="bnb4small w4a4",
+# (alone: the whole suite takes 5-8 min), STEPS="int8", STEPS="bnb4", STEPS="bnb4small w4a4", STEPS="bnb4mma",
 # STEPS="w4a4small block", STEPS="sm90plans host", STEPS="experimental diag"; STEPS="pytest" with
 # TESTS="tests/test_x.py ..." re-runs chosen tests.
 set -u
@@ -16,7 +16,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
-steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small sm90plans w4a4 w4a4small block block_experimental host"}
+steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small bnb4mma sm90plans w4a4 w4a4small block block_experimental host"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -43,6 +43,10 @@ step bnb4 420 python3 benchmarks/bench_bnb4.py
 # The v5 register-LUT GEMV against v4 at 1-8 rows, with double-quantised absmax (the issue's case)
 step bnb4small 240 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 1,2,4,8 \
     --double-quant --paths gemv,gemv_lut --no-quantize
+# The NF4 skinny tensor-core kernel: every tile and K split in CUDA graphs, then 1-32 rows against
+# the GEMV and dequantize + cuBLAS (what its tile rule and the dispatch's row range rest on)
+step bnb4mma 300 bash -c 'python3 benchmarks/bench_bnb4.py --out "$OUT/bnb4mma_tiles" --ms 1,4,16,32 --double-quant --mma-tiles \
+    && python3 benchmarks/bench_bnb4.py --out "$OUT/bnb4mma" --ms 1,2,4,8,16,32 --double-quant --paths gemv_lut,mma,dequant_cublas --no-quantize'
 # The block-scaled Hopper GEMM's warp plans (in step, producer warp, split warpgroups) side by side
 step sm90plans 300 python3 benchmarks/bench_sm90_plans.py --ms 1024,4096 --stages 4,6
 step w4a4 300 python3 benchmarks/bench_w4a4.py

@@ -26,6 +26,8 @@ to bfloat16 has); under the interpreter the exact codebook gather, rounded the s
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -167,6 +169,7 @@ def default_tile(n: int) -> dict:
     return dict(WIDE_TILE if n >= WIDE_N else NARROW_TILE)
 
 
+@functools.cache  # on every call's host path: a few us of Python per call otherwise
 def split_for(n: int, k: int, block: int, block_n: int, step_blocks: int, sms: int) -> int:
     """K slices so that about 4 programs run per SM, each slice a whole number of steps.
 
