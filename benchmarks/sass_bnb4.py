@@ -32,13 +32,13 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def compile_sass(jit, signature: dict, constexprs: dict, multiple_of_16: list[str], num_warps: int,
-                 num_stages: int = 3) -> tuple[str, str]:
+                 num_stages: int = 3, maxnreg: int | None = None) -> tuple[str, str]:
     names = list(inspect.signature(jit.fn).parameters)
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in multiple_of_16}
     src = triton.compiler.ASTSource(jit, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -117,21 +117,21 @@ INT8_GEMV_SIG = dict(x_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="
 
 def session5_variants():
     """(name, jit, signature, constexprs, multiple-of-16 args, num_warps, elements per thread
-    and loop trip): the NF4 skinny tensor-core kernel and the int8 M=1 GEMV (NOTES.md, NF4 v7
-    and int8 version 5), both compiled with num_stages=1 as they are launched."""
+    and loop trip, maxnreg): the NF4 skinny tensor-core kernel and the int8 M=1 GEMV (NOTES.md,
+    NF4 v7 and int8 version 5), both compiled with num_stages=1 as they are launched."""
     from comfy_lowbit.kernels import bnb4_mma, int8_gemv
 
-    for bn, step, warps, prefetch in bnb4_mma.MMA_TILES_SWEEP:
+    for bn, step, warps, prefetch, maxnreg in bnb4_mma.MMA_TILES_SWEEP:
         consts = dict(QBLOCK=64, BLOCK_N=bn, BLOCK_M=16, STEP_BLOCKS=step, SPLIT=4, HAS_BIAS=False,
                       DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=prefetch)
-        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''} (bf16 x, 16 rows, double quant)",
-               bnb4_mma.bnb4_mma_kernel, MMA_SIG, consts, ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps,
-               bn * 64 * step // (32 * warps))
+        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''}{f' maxnreg {maxnreg}' if maxnreg else ''} "
+               "(bf16 x, 16 rows, double quant)", bnb4_mma.bnb4_mma_kernel, MMA_SIG, consts,
+               ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps, bn * 64 * step // (32 * warps), maxnreg)
     for bn, step, warps in int8_gemv.GEMV_TILES:
         consts = dict(HAS_BIAS=False, QBLOCK=128, SPLIT=1, BLOCK_N=bn, STEP_BLOCKS=step, EVEN=True)
         yield (f"int8 gemv {bn}x{step}x{warps} (bf16 x, block 128, EVEN)", int8_gemv._gemv_kernel, INT8_GEMV_SIG,
                consts, ["x_ptr", "w_ptr", "w_scale_ptr", "out_ptr", "K", "stride_wn"], warps,
-               bn * 128 * step // (32 * warps))
+               bn * 128 * step // (32 * warps), None)
 
 
 def main() -> int:
@@ -139,8 +139,8 @@ def main() -> int:
     for name, jit, sig, consts, div16, warps in variants():
         sass, usage = compile_sass(jit, sig, consts, div16, warps)
         print(f"{name}: {usage}; {loop_counts(sass)}")
-    for name, jit, sig, consts, div16, warps, per_thread in session5_variants():
-        sass, usage = compile_sass(jit, sig, consts, div16, warps, num_stages=1)
+    for name, jit, sig, consts, div16, warps, per_thread, maxnreg in session5_variants():
+        sass, usage = compile_sass(jit, sig, consts, div16, warps, num_stages=1, maxnreg=maxnreg)
         counts = loop_counts(sass)
         per_element = int(counts.split()[1]) / per_thread
         print(f"{name}: {usage}; {per_element:.2f} instructions per weight element; {counts}")

@@ -779,7 +779,8 @@ def _launch_gemv_lut(x2, w: Bnb4Weight, bias, out) -> None:
 def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> None:
     """The skinny tensor-core kernel (``bnb4_mma``) for up to MMA_MAX_M rows of fp16/bf16 x,
     with the measured tile for the layer's width (``bnb4_mma.default_tile``) and the K split
-    of ``bnb4_mma.split_for``; ``config`` forces a tile (and ``SPLIT``): tests, benchmarks."""
+    of ``bnb4_mma.split_for``; ``config`` forces a tile (and ``SPLIT``, ``maxnreg``): tests,
+    benchmarks."""
     n, k = w.shape
     m = x2.shape[0]
     if m > bnb4_mma.MMA_MAX_M or x2.dtype == torch.float32:
@@ -792,6 +793,8 @@ def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> Non
                 DOUBLE_QUANT=w.double_quant, LUT=lut, DOT_FP32=INTERPRET)
     tile = dict(config or bnb4_mma.default_tile(n))
     warps = tile.pop("num_warps", 4)
+    maxnreg = tile.pop("maxnreg", None)
+    launch_options = {"maxnreg": maxnreg} if maxnreg else {}
     if (k // w.block_size) % tile["STEP_BLOCKS"]:
         tile["STEP_BLOCKS"] = 1
     split = tile.pop("SPLIT", None) or bnb4_mma.split_for(n, k, w.block_size, tile["BLOCK_N"], tile["STEP_BLOCKS"],
@@ -804,7 +807,7 @@ def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> Non
     bnb4_mma.bnb4_mma_kernel[(tiles, split)](
         x2, w.packed, *_absmax_args(w, dyn), code, words, bias if bias is not None else out, out,
         partials, counters, m, n, k, x2.stride(0), out.stride(0), SPLIT=split, **meta, **tile,
-        num_warps=warps, num_stages=1)
+        num_warps=warps, num_stages=1, **launch_options)
 
 
 @functools.cache

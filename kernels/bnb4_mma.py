@@ -154,9 +154,14 @@ MMA_MAX_M = 32  # rows of x one program holds: a 16- or 32-row tile (``block_m``
 WIDE_N = 8192
 WIDE_TILE = {"BLOCK_N": 128, "STEP_BLOCKS": 1, "num_warps": 4}
 NARROW_TILE = {"BLOCK_N": 64, "STEP_BLOCKS": 2, "num_warps": 4}
-# What benchmarks/bench_bnb4.py --mma-tiles times
-MMA_TILES_SWEEP = [(64, 2, 4, False), (64, 1, 4, True), (128, 1, 4, False), (128, 1, 4, True), (128, 2, 4, False),
-                   (256, 1, 8, True), (64, 4, 4, False)]
+# What benchmarks/bench_bnb4.py --mma-tiles times: (BLOCK_N, STEP_BLOCKS, warps, PREFETCH, maxnreg).
+# The register caps are for the next GPU run (not measured yet): the kernel is latency-bound at
+# 4 programs per SM (126 registers at 128 x 1 x 4); capped at 96 its loop keeps the same
+# instructions (5.17 per weight element against 5.06, no spills inside it) for 5 programs per
+# SM, at 80 it spills 16 accesses per block for 6 (SASS, Triton 3.6).
+MMA_TILES_SWEEP = [(64, 2, 4, False, None), (64, 1, 4, True, None), (128, 1, 4, False, None),
+                   (128, 1, 4, True, None), (128, 2, 4, False, None), (256, 1, 8, True, None),
+                   (64, 4, 4, False, None), (128, 1, 4, False, 96), (128, 1, 4, False, 80), (64, 2, 4, False, 80)]
 
 
 def block_m(m: int) -> int:

@@ -98,9 +98,10 @@ def test_linear_3d_input_odd_n_and_large_block(path):
     check_linear(x, weight, bias, path, torch.bfloat16)
 
 
-@pytest.mark.parametrize("split,block_n,step,prefetch", [(5, 64, 1, False), (2, 32, 2, False), (1, 128, 2, False),
-                                                         (5, 64, 1, True), (1, 32, 1, True)])
-def test_mma_split_k_in_one_launch(split, block_n, step, prefetch):
+@pytest.mark.parametrize("split,block_n,step,prefetch,maxnreg", [
+    (5, 64, 1, False, None), (2, 32, 2, False, None), (1, 128, 2, False, None), (5, 64, 1, True, None),
+    (1, 32, 1, True, None), (5, 128, 1, False, 96)])
+def test_mma_split_k_in_one_launch(split, block_n, step, prefetch, maxnreg):
     """K split in slices whose partials the last program of each column tile sums. Twice in a
     row: the arrival counters it leaves behind must be zero again, or the second call fails."""
     from comfy_lowbit.kernels.bnb4_linear import _launch_mma
@@ -112,7 +113,8 @@ def test_mma_split_k_in_one_launch(split, block_n, step, prefetch):
         x = outlier_matrix(3, k, seed=seed).to(KERNEL_DEVICE, torch.bfloat16)
         bias = torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE, torch.bfloat16)
         out = torch.full((3, N), float("nan"), device=KERNEL_DEVICE, dtype=torch.bfloat16)
-        _launch_mma(x, weight, bias, out, config=dict(BLOCK_N=block_n, STEP_BLOCKS=step, SPLIT=split, PREFETCH=prefetch))
+        _launch_mma(x, weight, bias, out, config=dict(BLOCK_N=block_n, STEP_BLOCKS=step, SPLIT=split, PREFETCH=prefetch,
+                                                      maxnreg=maxnreg))
         err = relative_error(out.cpu(), reference_bnb4_linear(x.cpu(), to_cpu(weight), bias.cpu()))
         assert err <= TOLERANCE[torch.bfloat16], f"split {split}: rel. error {err:.3g}"
     assert int(arrival_counters(out.device, 1).abs().sum()) == 0
