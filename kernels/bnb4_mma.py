@@ -144,6 +144,7 @@ def bnb4_mma_kernel(
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(count_ptr + pid, 0)
 
+
 # Rows of x the kernel serves, and the tile by layer width. Measured on the H100 in CUDA graphs
 # (benchmarks/results/bnb4-mma-tiles-h100-2026-11-23-session5.txt, 7 tiles x 2 K splits, the
 # four FLUX shapes, 1/4/16 rows): 128 columns, one block per step, won on the wide layers

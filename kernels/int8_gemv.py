@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .experimental import experimental_kernels_enabled
-from .split_k import arrival_counters
 from .int8_gemm import INTERPRETING, OUT_DTYPES, autotuning, int8_to_float, w8a16_reference
+from .split_k import arrival_counters
 
 w8a16_gemv_reference = w8a16_reference
 
@@ -126,11 +126,13 @@ def split_for(n: int, num_blocks: int) -> int:
 # independent 16-byte loads in flight per thread. Twice (or four times) that many rows give
 # each thread 2 (4) rows of the same 16 columns, so one x load and conversion serves them all:
 # 5.4 SASS instructions per weight byte at (64, 2, 4) against 7.3 at (16, 4, 4) (B = 128,
-# sm_90, Triton 3.6). STEP_BLOCKS 3 keeps the narrow layers' 3-block K slices (K = 3072 in 8
-# slices) unmasked.
+# sm_90, Triton 3.6), but on the H100 the autotuner kept one row per thread: a 64-row tile
+# leaves N = 12288 with 192 programs, fewer than two per SM (NOTES.md, int8 version 5).
+# STEP_BLOCKS 3 keeps the narrow layers' 3-block K slices (K = 3072 in 8 slices) unmasked.
 GEMV_TILES = [(16, 4, 4), (32, 4, 4), (64, 2, 4), (64, 4, 4), (16, 4, 2), (32, 4, 2), (16, 8, 4),
               (16, 3, 4), (32, 3, 4), (8, 4, 2), (4, 8, 1)]
-DEFAULT_GEMV_TILE = (64, 2, 4)
+DEFAULT_GEMV_TILE = (16, 4, 4)  # without autotuning: within 3% of the best on the wide layers
+
 
 def even_steps(num_blocks: int, split: int, step_blocks: int) -> bool:
     """Whether every K slice holds the same whole number of steps (the kernel's EVEN)."""
