@@ -16,7 +16,7 @@ mkdir -p "$out" /tmp/pp
 if [ -f "$peers" ]; then tar xJf "$peers" -C /tmp; else echo "no $peers: bitsandbytes/comfy-kitchen peers missing"; fi
 ln -sfn "$PWD" /tmp/pp/comfy_lowbit
 export PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 OUT="$out"
-steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small bnb4mma sm90plans w4a4 w4a4small block block_experimental host"}
+steps=${STEPS:-"env tests experimental diag int8 bnb4 bnb4small bnb4mma ncu sm90plans w4a4 w4a4small block block_experimental host"}
 
 step() {  # name, timeout seconds, command...
     local name=$1 limit=$2
@@ -47,6 +47,11 @@ step bnb4small 240 python3 benchmarks/bench_bnb4.py --out "$out/bnb4small" --ms 
 # the GEMV and dequantize + cuBLAS (what its tile rule and the dispatch's row range rest on)
 step bnb4mma 300 bash -c 'python3 benchmarks/bench_bnb4.py --out "$OUT/bnb4mma_tiles" --ms 1,4,16,32 --double-quant --mma-tiles \
     && python3 benchmarks/bench_bnb4.py --out "$OUT/bnb4mma" --ms 1,2,4,8,16,32 --double-quant --paths gemv_lut,mma,dequant_cublas --no-quantize'
+# Nsight Compute on the skinny NF4 kernels (one launch each): warp stall reasons, per SASS line
+step ncu 300 bash -c 'ncu --clock-control none --profile-from-start off --set full --import-source no \
+    -f -o "$OUT/nf4-skinny" python3 benchmarks/profile_ncu.py ${NCU_CASES:+--cases $NCU_CASES} \
+    && ncu -i "$OUT/nf4-skinny.ncu-rep" --page details --csv > "$OUT/nf4-skinny-details.csv" \
+    && ncu -i "$OUT/nf4-skinny.ncu-rep" --page source --print-source sass --csv > "$OUT/nf4-skinny-sass.csv"'
 # The block-scaled Hopper GEMM's warp plans (in step, producer warp, split warpgroups) side by side
 step sm90plans 300 python3 benchmarks/bench_sm90_plans.py --ms 1024,4096 --stages 4,6
 step w4a4 300 python3 benchmarks/bench_w4a4.py

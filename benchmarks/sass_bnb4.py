@@ -121,10 +121,10 @@ def session5_variants():
     NF4 v7 and int8 version 5), both compiled with num_stages=1 as they are launched."""
     from comfy_lowbit.kernels import bnb4_mma, int8_gemv
 
-    for bn, step, warps, prefetch, maxnreg in bnb4_mma.MMA_TILES_SWEEP:
+    for bn, step, warps, prefetch, ahead, maxnreg in bnb4_mma.MMA_TILES_SWEEP:
         consts = dict(QBLOCK=64, BLOCK_N=bn, BLOCK_M=16, STEP_BLOCKS=step, SPLIT=4, HAS_BIAS=False,
-                      DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=prefetch)
-        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''}{f' maxnreg {maxnreg}' if maxnreg else ''} "
+                      DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=prefetch, AHEAD=ahead)
+        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''}{' ahead' if ahead else ''}{f' maxnreg {maxnreg}' if maxnreg else ''} "
                "(bf16 x, 16 rows, double quant)", bnb4_mma.bnb4_mma_kernel, MMA_SIG, consts,
                ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps, bn * 64 * step // (32 * warps), maxnreg)
     for bn, step, warps in int8_gemv.GEMV_TILES:

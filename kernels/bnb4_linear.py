@@ -581,19 +581,28 @@ TIMED_MAX_M = 8
 # 2 rows the GEMV measured faster (20.5 us against about 24 at 3072x12288).
 MMA_MIN_M = 3
 MMA_RULE_MAX_M = 16
+# ... and up to 32 rows (its 32-row tile) on large layers (``bnb4_mma.LARGE_LAYER`` weights and
+# more): at 32 rows it took 60-82 us on the three large FLUX shapes against 70-107 for
+# dequantize + cuBLAS, and 19.9 against 16.7 on 3072 x 3072 (session 6).
+MMA_LARGE_MAX_M = 32
 
 
 def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> str:
     """The portable path ``bnb4_linear`` takes for these operands: the v5 GEMV at one row, the
-    skinny tensor-core kernel for 3-16 rows of 16-bit x, otherwise the fastest path for this
+    skinny tensor-core kernel for 3-16 rows of 16-bit x (3-32 on large layers), otherwise the fastest path for this
     shape (timed on its first call, ``_fastest_path``)."""
     m = x2.shape[0]
     if m == 1:
         return choose_path(m)
-    if MMA_MIN_M <= m <= MMA_RULE_MAX_M and x2.dtype != torch.float32:
+    if MMA_MIN_M <= m <= mma_max_m(*w.shape) and x2.dtype != torch.float32:
         return "mma"
     return _fastest_path(x2, w, bias, out)
+
+
+def mma_max_m(n: int, k: int) -> int:
+    """The most rows of x the skinny tensor-core kernel takes by rule for an (N, K) layer."""
+    return MMA_LARGE_MAX_M if n * k >= bnb4_mma.LARGE_LAYER else MMA_RULE_MAX_M
 
 
 def _fastest_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None, out: torch.Tensor | None) -> str:
@@ -778,7 +787,7 @@ def _launch_gemv_lut(x2, w: Bnb4Weight, bias, out) -> None:
 
 def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> None:
     """The skinny tensor-core kernel (``bnb4_mma``) for up to MMA_MAX_M rows of fp16/bf16 x,
-    with the measured tile for the layer's width (``bnb4_mma.default_tile``) and the K split
+    with the measured tile for the layer's size (``bnb4_mma.default_tile``) and the K split
     of ``bnb4_mma.split_for``; ``config`` forces a tile (and ``SPLIT``, ``maxnreg``): tests,
     benchmarks."""
     n, k = w.shape
@@ -791,7 +800,7 @@ def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> Non
     words = _lut_words(w.quant_type, x2.device, x2.dtype) if lut else code
     meta = dict(QBLOCK=w.block_size, BLOCK_M=bnb4_mma.block_m(m), HAS_BIAS=bias is not None,
                 DOUBLE_QUANT=w.double_quant, LUT=lut, DOT_FP32=INTERPRET)
-    tile = dict(config or bnb4_mma.default_tile(n))
+    tile = dict(config or bnb4_mma.default_tile(n, k))
     warps = tile.pop("num_warps", 4)
     maxnreg = tile.pop("maxnreg", None)
     launch_options = {"maxnreg": maxnreg} if maxnreg else {}

@@ -55,7 +55,7 @@ def bnb4_mma_kernel(
     part_ptr, count_ptr, M, N, K, stride_xm, stride_om,
     QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_BLOCKS: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT: tl.constexpr,
-    DOT_FP32: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    DOT_FP32: tl.constexpr = False, PREFETCH: tl.constexpr = False, AHEAD: tl.constexpr = False,
 ):
     """Program (i, s): output columns [i*BLOCK_N, (i+1)*BLOCK_N) for all M (<= BLOCK_M) rows
     of x, over the s-th of SPLIT equal slices of the quantization blocks of K.
@@ -75,6 +75,9 @@ def bnb4_mma_kernel(
     the same 16-bit values, multiplied in float32. PREFETCH (with STEP_BLOCKS = 1): each
     block's weight bytes and x are loaded one block ahead, so a warp's loads are in flight
     while it decodes (at 96-128 registers only 4-5 programs share an SM to hide latency).
+    AHEAD: x and the block scale (absmax code -> dynamic map -> nested absmax: three dependent
+    loads) of the next block are loaded before this block's math; Nsight Compute showed the
+    warps waiting on exactly these two chains (benchmarks/NOTES.md, NF4 v8).
     """
     HALF: tl.constexpr = QBLOCK // 2
     pid = tl.program_id(0)
@@ -95,22 +98,32 @@ def bnb4_mma_kernel(
     if LUT != 0:
         l0, l2, h0, h2 = load_register_words(words_ptr, (HALF, BLOCK_N))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kb_end = (split + 1) * per_split
+    kb_first = split * per_split
+    kb_end = kb_first + per_split
     if PREFETCH:
-        byte_next = tl.load(byte_ptrs + split * per_split * HALF)
-        x_next = tl.load(x_ptrs + split * per_split * QBLOCK, mask=m_ok[:, None, None], other=0.0)
-    for kb0 in range(split * per_split, kb_end, STEP_BLOCKS):
+        byte_next = tl.load(byte_ptrs + kb_first * HALF)
+    if PREFETCH or AHEAD:
+        x_next = tl.load(x_ptrs + kb_first * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+    if AHEAD:
+        scale_next = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_first, DOUBLE_QUANT)
+    for kb0 in range(kb_first, kb_end, STEP_BLOCKS):
         for j in tl.static_range(STEP_BLOCKS):
             kb = kb0 + j
-            if PREFETCH:  # STEP_BLOCKS == 1: the next block's loads go out before this one's math
+            kb_next = tl.minimum(kb + 1, kb_end - 1)  # past the slice: its last block again (cached)
+            if PREFETCH:  # the next block's loads go out before this one's math
                 byte = byte_next
-                x_pairs = x_next
-                kb_next = tl.minimum(kb + 1, kb_end - 1)  # past the slice: its last block again (cached)
                 byte_next = tl.load(byte_ptrs + kb_next * HALF)
-                x_next = tl.load(x_ptrs + kb_next * QBLOCK, mask=m_ok[:, None, None], other=0.0)
             else:
                 byte = tl.load(byte_ptrs + kb * HALF)  # (HALF, BLOCK_N) uint8: W's bytes, transposed
+            if PREFETCH or AHEAD:
+                x_pairs = x_next
+                x_next = tl.load(x_ptrs + kb_next * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+            else:
                 x_pairs = tl.load(x_ptrs + kb * QBLOCK, mask=m_ok[:, None, None], other=0.0)
+            if AHEAD:
+                scale = scale_next
+                scale_next = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_next,
+                                          DOUBLE_QUANT)
             x_even, x_odd = tl.split(x_pairs)
             if LUT != 0:
                 w_hi, w_lo = lut_decode16(byte, l0, l2, h0, h2, LUT == 2, x_ptr.dtype.element_ty == tl.bfloat16)
@@ -123,7 +136,8 @@ def bnb4_mma_kernel(
             else:
                 part = tl.dot(x_even, w_hi)
                 part = tl.dot(x_odd, w_lo, part)
-            scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb, DOUBLE_QUANT)
+            if not AHEAD:
+                scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb, DOUBLE_QUANT)
             acc += part * scale[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -145,24 +159,26 @@ def bnb4_mma_kernel(
             tl.atomic_xchg(count_ptr + pid, 0)
 
 
-# Rows of x the kernel serves, and the tile by layer width. Measured on the H100 in CUDA graphs
-# (benchmarks/results/bnb4-mma-tiles-h100-2026-11-23-session5.txt, 7 tiles x 2 K splits, the
-# four FLUX shapes, 1/4/16 rows): 128 columns, one block per step, won on the wide layers
-# (N >= 8192) and 64 columns, two blocks per step, on N = 3072, each with ``split_for``'s K
-# split (the best or within 4% of it everywhere). Eager timing (``kernels/fastest.py``) cannot
-# choose here: at 10-40 us of GPU time per call it measures mostly the launch's host time.
+# Rows of x the kernel serves, and the tile by layer size. Measured on the H100 in CUDA graphs
+# (benchmarks/results/bnb4-mma-tiles-h100-2026-11-23-session6.txt: 7 tiles x 3 K splits, the
+# four FLUX shapes, 1 and 16 rows): 128 columns, one block per step, x and the block scale
+# loaded a block ahead, won on the three large layers (3072 x 12288 both ways, 3072 x 18432);
+# 64 columns, two blocks per step, on 3072 x 3072, where 128 columns leave too few column
+# tiles to split K over. Each with ``split_for``'s one-wave K split. Eager timing
+# (``kernels/fastest.py``) cannot choose here: at 10-40 us of GPU time per call it measures
+# mostly the launch's host time.
 MMA_MAX_M = 32  # rows of x one program holds: a 16- or 32-row tile (``block_m``)
-WIDE_N = 8192
-WIDE_TILE = {"BLOCK_N": 128, "STEP_BLOCKS": 1, "num_warps": 4}
+LARGE_LAYER = 1 << 24  # weights (N x K) from which the wide tile runs: 3072 x 3072 is 9.4 M
+# Programs per SM the K split aims at: 4 at 96-128 registers per thread and 4 warps
+PROGRAMS_PER_SM = 4
+WIDE_TILE = {"BLOCK_N": 128, "STEP_BLOCKS": 1, "num_warps": 4, "AHEAD": True}
 NARROW_TILE = {"BLOCK_N": 64, "STEP_BLOCKS": 2, "num_warps": 4}
-# What benchmarks/bench_bnb4.py --mma-tiles times: (BLOCK_N, STEP_BLOCKS, warps, PREFETCH, maxnreg).
-# The register caps are for the next GPU run (not measured yet): the kernel is latency-bound at
-# 4 programs per SM (126 registers at 128 x 1 x 4); capped at 96 its loop keeps the same
-# instructions (5.17 per weight element against 5.06, no spills inside it) for 5 programs per
-# SM, at 80 it spills 16 accesses per block for 6 (SASS, Triton 3.6).
-MMA_TILES_SWEEP = [(64, 2, 4, False, None), (64, 1, 4, True, None), (128, 1, 4, False, None),
-                   (128, 1, 4, True, None), (128, 2, 4, False, None), (256, 1, 8, True, None),
-                   (64, 4, 4, False, None), (128, 1, 4, False, 96), (128, 1, 4, False, 80), (64, 2, 4, False, 80)]
+# What benchmarks/bench_bnb4.py --mma-tiles times: (BLOCK_N, STEP_BLOCKS, warps, PREFETCH, AHEAD, maxnreg).
+# Session 6 measured the register caps (96, 80) slower than the uncapped tiles (dropped from the
+# sweep), and an L1 prefetch of the weight bytes 1-4 blocks ahead 3-15% slower (not kept).
+MMA_TILES_SWEEP = [(64, 2, 4, False, False, None), (64, 2, 4, False, True, None), (128, 1, 4, False, False, None),
+                   (128, 1, 4, False, True, None), (128, 1, 4, True, True, None), (128, 2, 4, False, True, None),
+                   (64, 1, 4, False, True, None)]
 
 
 def block_m(m: int) -> int:
@@ -170,19 +186,22 @@ def block_m(m: int) -> int:
     return 16 if m <= 16 else 32
 
 
-def default_tile(n: int) -> dict:
-    """The measured tile for a layer with N output columns (a copy: callers may change it)."""
-    return dict(WIDE_TILE if n >= WIDE_N else NARROW_TILE)
+def default_tile(n: int, k: int) -> dict:
+    """The measured tile for an (N, K) layer (a copy: callers may change it)."""
+    return dict(WIDE_TILE if n * k >= LARGE_LAYER else NARROW_TILE)
 
 
 @functools.cache  # on every call's host path: a few us of Python per call otherwise
-def split_for(n: int, k: int, block: int, block_n: int, step_blocks: int, sms: int) -> int:
-    """K slices so that about 4 programs run per SM, each slice a whole number of steps.
+def split_for(n: int, k: int, block: int, block_n: int, step_blocks: int, sms: int,
+              programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """K slices: the most that still run in one wave of ``programs_per_sm`` programs per SM,
+    each slice a whole number of steps (no tail in the loop).
 
     A FLUX layer with N = 3072 has only 24 column tiles of 128: without splitting K, 108 of
-    132 SMs would idle. The slice count divides the row's steps (no tail in the loop)."""
+    132 SMs would idle. One wave, not more: rounding up to 4 programs per SM gave 576 programs
+    on every FLUX shape, 1.09 waves, and the one-wave split was 4-18% faster on the H100
+    (session 6 sweep, benchmarks/NOTES.md NF4 v8)."""
     steps = k // block // step_blocks
     tiles = -(-n // block_n)
-    want = max(1, min(steps, -(-4 * sms // tiles)))
-    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
-    return min(divisors, key=lambda d: (abs(d - want), d))
+    fits = [d for d in range(1, steps + 1) if steps % d == 0 and tiles * d <= programs_per_sm * sms]
+    return max(fits or [1])

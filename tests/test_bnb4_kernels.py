@@ -98,35 +98,47 @@ def test_linear_3d_input_odd_n_and_large_block(path):
     check_linear(x, weight, bias, path, torch.bfloat16)
 
 
-@pytest.mark.parametrize("split,block_n,step,prefetch,maxnreg", [
-    (5, 64, 1, False, None), (2, 32, 2, False, None), (1, 128, 2, False, None), (5, 64, 1, True, None),
-    (1, 32, 1, True, None), (5, 128, 1, False, 96)])
-def test_mma_split_k_in_one_launch(split, block_n, step, prefetch, maxnreg):
+@pytest.mark.parametrize("rows,split,block_n,step,prefetch,ahead,maxnreg", [
+    (3, 5, 64, 1, False, False, None), (3, 2, 32, 2, False, False, None), (3, 1, 128, 2, False, False, None),
+    (3, 5, 64, 1, True, False, None), (3, 1, 32, 1, True, False, None), (3, 5, 128, 1, False, False, 96),
+    (3, 5, 64, 1, False, True, None), (3, 2, 32, 2, False, True, None), (3, 1, 64, 1, True, True, None),
+    (24, 5, 128, 1, False, True, None), (32, 1, 64, 2, False, False, None)])
+def test_mma_split_k_in_one_launch(rows, split, block_n, step, prefetch, ahead, maxnreg):
     """K split in slices whose partials the last program of each column tile sums. Twice in a
-    row: the arrival counters it leaves behind must be zero again, or the second call fails."""
+    row: the arrival counters it leaves behind must be zero again, or the second call fails.
+    AHEAD/PREFETCH load the next block early: a slice of one block and slices of several
+    (the last block's "next" is itself) must both come out right; 24 and 32 rows take the
+    32-row tile (the dispatch's rule on large layers)."""
     from comfy_lowbit.kernels.bnb4_linear import _launch_mma
     from comfy_lowbit.kernels.split_k import arrival_counters
 
     k = 4 * BLOCK if step == 2 else K
     weight = make_weight(N, k, "nf4", True, seed=split)
     for seed in (1, 2):
-        x = outlier_matrix(3, k, seed=seed).to(KERNEL_DEVICE, torch.bfloat16)
+        x = outlier_matrix(rows, k, seed=seed).to(KERNEL_DEVICE, torch.bfloat16)
         bias = torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE, torch.bfloat16)
-        out = torch.full((3, N), float("nan"), device=KERNEL_DEVICE, dtype=torch.bfloat16)
+        out = torch.full((rows, N), float("nan"), device=KERNEL_DEVICE, dtype=torch.bfloat16)
         _launch_mma(x, weight, bias, out, config=dict(BLOCK_N=block_n, STEP_BLOCKS=step, SPLIT=split, PREFETCH=prefetch,
-                                                      maxnreg=maxnreg))
+                                                      AHEAD=ahead, maxnreg=maxnreg))
         err = relative_error(out.cpu(), reference_bnb4_linear(x.cpu(), to_cpu(weight), bias.cpu()))
         assert err <= TOLERANCE[torch.bfloat16], f"split {split}: rel. error {err:.3g}"
     assert int(arrival_counters(out.device, 1).abs().sum()) == 0
 
 
-def test_mma_split_keeps_whole_steps_and_fills_the_gpu():
-    from comfy_lowbit.kernels.bnb4_mma import split_for
+def test_mma_split_keeps_whole_steps_in_one_wave():
+    """The split divides the steps, its programs fit in one wave of PROGRAMS_PER_SM per SM, and
+    no larger divisor would (session 6: 1.09 waves cost 4-18%)."""
+    from comfy_lowbit.kernels.bnb4_mma import PROGRAMS_PER_SM, split_for
 
-    for n, k in ((3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072)):
+    slots = PROGRAMS_PER_SM * 132
+    for n, k in ((3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (64, 64 * 96)):
+        steps, tiles = k // 64 // 2, -(-n // 128)
         split = split_for(n, k, 64, 128, 2, 132)
-        assert (k // 64 // 2) % split == 0
-        assert split == 1 or (n // 128) * split >= 2 * 132
+        assert steps % split == 0
+        assert split == 1 or tiles * split <= slots
+        assert all(steps % d or tiles * d > slots for d in range(split + 1, steps + 1))
+    assert split_for(3072, 12288, 64, 128, 1, 132) == 16  # 24 tiles x 16 = 384 <= 528; 24 would be 576
+    assert split_for(12288, 3072, 64, 128, 1, 132) == 4  # 96 tiles x 4 = 384; 6 would be 576
 
 
 def test_mma_refuses_what_it_cannot_serve():
@@ -214,6 +226,22 @@ def test_dispatch_takes_the_tensor_core_kernel_for_3_to_16_rows_of_16_bit_x(monk
         x = outlier_matrix(m, K, seed=24 + m).to(KERNEL_DEVICE, dtype)
         check_linear(x, weight, None, None, dtype)
     assert ran == [3, 16]
+
+
+def test_dispatch_takes_the_tensor_core_kernel_up_to_32_rows_on_large_layers(monkeypatch):
+    """17-32 rows: the 32-row tile on layers of LARGE_LAYER weights and more, the timed choice
+    below that (checked without launching: the dispatch decides from the shapes)."""
+    from comfy_lowbit.kernels import bnb4_linear as lin
+    from comfy_lowbit.kernels.bnb4_mma import LARGE_LAYER
+
+    monkeypatch.setattr(lin, "_fastest_path", lambda *a: "timed")
+    small = make_weight(N, K, "nf4", False, seed=5)
+    large = lin.Bnb4Weight(small.packed, small.absmax, (LARGE_LAYER // 4096, 4096), 64, "nf4")
+    x = torch.empty(24, 4096, dtype=torch.bfloat16)
+    assert lin.dispatch_path(x, large) == "mma"
+    assert lin.dispatch_path(x[:, :K], small) == "timed"
+    assert lin.dispatch_path(torch.empty(33, 4096, dtype=torch.bfloat16), large) == "timed"
+    assert lin.dispatch_path(x.float(), large) == "timed"
 
 
 def test_dispatch_covers_every_m():
