@@ -18,7 +18,8 @@ Math: ``W[n, k] = codebook[nibble(n, k)] * absmax[block(n, k)]``, and
 
 Five portable paths; ``dispatch_path`` picks by the number of rows M of x, from the H100
 measurements in ``benchmarks/NOTES.md``: the v5 GEMV (``gemv_lut``) for one row, the skinny
-tensor-core kernel (``mma``, ``kernels/bnb4_mma.py``) for 3-16 rows of fp16/bf16 x, and for
+tensor-core kernel (``mma``, ``kernels/bnb4_mma.py``) for 3-16 rows of fp16/bf16 x (3-32 on
+layers of 2^24 weights and more), and for
 the rest the faster of the GEMV (up to 8 rows) and dequantize + cuBLAS, timed per shape on its
 first call. On Hopper, with
 ``COMFY_LOWBIT_EXPERIMENTAL=1``, large M takes ``fused_sm90`` instead
@@ -590,8 +591,8 @@ MMA_LARGE_MAX_M = 32
 def dispatch_path(x2: torch.Tensor, w: Bnb4Weight, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> str:
     """The portable path ``bnb4_linear`` takes for these operands: the v5 GEMV at one row, the
-    skinny tensor-core kernel for 3-16 rows of 16-bit x (3-32 on large layers), otherwise the fastest path for this
-    shape (timed on its first call, ``_fastest_path``)."""
+    skinny tensor-core kernel for 3-16 rows of 16-bit x (3-32 on large layers), otherwise the
+    fastest path for this shape (timed on its first call, ``_fastest_path``)."""
     m = x2.shape[0]
     if m == 1:
         return choose_path(m)

@@ -6,9 +6,10 @@ decoded value, its FMA with x, x's own conversion) are arithmetic a tensor core 
 free; and it decodes the weight once per 4 rows of x, so 16 rows cost four decodes. Here a
 program decodes a (BLOCK_N, B) tile of W once per quantization block into 16-bit values and
 hands it to one ``tl.dot`` against all (up to 32) rows of x: the decode is the only per-element
-work left, and it does not grow with M. Measured on the H100 (benchmarks/NOTES.md, NF4 v7):
-1.04-1.31x bf16 at 4-16 rows, where the GEMV and dequantize + cuBLAS gave 0.44-1.20x; at one
-row the GEMV stays faster (this kernel is latency-bound at 96-128 registers per thread).
+work left, and it does not grow with M. Measured on the H100 (benchmarks/NOTES.md, NF4 v7 and
+v8): 1.14-1.41x bf16 at 4-16 rows, where the GEMV and dequantize + cuBLAS gave 0.44-1.20x; at
+one row the GEMV stays faster (this kernel waits on its weight loads at 128 registers per
+thread, 4 programs per SM: Nsight Compute, NF4 v8).
 
 Operands are those of ``bnb4_linear`` (bitsandbytes storage: byte j of a row holds element 2j
 in its high nibble and 2j+1 in its low nibble). The product is split by nibble,
