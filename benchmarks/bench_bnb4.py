@@ -200,21 +200,20 @@ def bench_mma_tiles(shapes, ms: list[int], double_quant: bool) -> None:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             cells = []
-            for bn, step, warps, prefetch, ahead, maxnreg in bnb4_mma.MMA_TILES_SWEEP:
+            for base in bnb4_mma.MMA_TILES_SWEEP:
+                bn, step = base["BLOCK_N"], base["STEP_BLOCKS"]
                 auto = bnb4_mma.split_for(n, k, 64, bn, step, sms)
                 steps = k // 64 // step
                 tiles = -(-n // bn)
                 # the launcher's split, half of it, and the largest split whose programs fit in
-                # one wave at 4 and at 5 programs per SM (the split rule rounds up: 1.09 waves)
+                # one wave at 4 and at 6 programs per SM
                 fits = {max([d for d in range(1, steps + 1) if steps % d == 0 and tiles * d <= per * sms] or [1])
-                        for per in (4, 5)}
+                        for per in (4, 6)}
                 for split in sorted({auto, max(d for d in range(1, auto // 2 + 1) if steps % d == 0) if auto > 1 else 1}
                                     | fits):
-                    tile = dict(BLOCK_N=bn, STEP_BLOCKS=step, num_warps=warps, SPLIT=split, PREFETCH=prefetch,
-                                AHEAD=ahead, maxnreg=maxnreg)
+                    tile = {**base, "SPLIT": split}
                     us = graph_us([lambda o=o, tile=tile: _launch_mma(x, o, None, out, config=tile) for o in copies])
-                    name = f"{bn}x{step}x{warps}{'p' if prefetch else ''}{'a' if ahead else ''}{f'r{maxnreg}' if maxnreg else ''}"
-                    cells.append(f"{name}/s{split} {us:.1f}")
+                    cells.append(f"{bnb4_mma.tile_name(base)}/s{split} {us:.1f}")
             say(f"# mma tiles K={k} N={n} M={m}: " + ", ".join(cells))
 
 

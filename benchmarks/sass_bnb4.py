@@ -121,12 +121,14 @@ def session5_variants():
     NF4 v7 and int8 version 5), both compiled with num_stages=1 as they are launched."""
     from comfy_lowbit.kernels import bnb4_mma, int8_gemv
 
-    for bn, step, warps, prefetch, ahead, maxnreg in bnb4_mma.MMA_TILES_SWEEP:
+    for tile in bnb4_mma.MMA_TILES_SWEEP:
+        bn, step, warps = tile["BLOCK_N"], tile["STEP_BLOCKS"], tile["num_warps"]
         consts = dict(QBLOCK=64, BLOCK_N=bn, BLOCK_M=16, STEP_BLOCKS=step, SPLIT=4, HAS_BIAS=False,
-                      DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=prefetch, AHEAD=ahead)
-        yield (f"mma {bn}x{step}x{warps}{' prefetch' if prefetch else ''}{' ahead' if ahead else ''}{f' maxnreg {maxnreg}' if maxnreg else ''} "
-               "(bf16 x, 16 rows, double quant)", bnb4_mma.bnb4_mma_kernel, MMA_SIG, consts,
-               ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps, bn * 64 * step // (32 * warps), maxnreg)
+                      DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=tile.get("PREFETCH", False),
+                      AHEAD=tile.get("AHEAD", False), WORDS=tile.get("WORDS", False))
+        yield (f"mma {bnb4_mma.tile_name(tile)} (bf16 x, 16 rows, double quant)", bnb4_mma.bnb4_mma_kernel, MMA_SIG,
+               consts, ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps, bn * 64 * step // (32 * warps),
+               tile.get("maxnreg"))
     for bn, step, warps in int8_gemv.GEMV_TILES:
         consts = dict(HAS_BIAS=False, QBLOCK=128, SPLIT=1, BLOCK_N=bn, STEP_BLOCKS=step, EVEN=True)
         yield (f"int8 gemv {bn}x{step}x{warps} (bf16 x, block 128, EVEN)", int8_gemv._gemv_kernel, INT8_GEMV_SIG,

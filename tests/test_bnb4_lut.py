@@ -183,3 +183,70 @@ def test_gpu_lut_decode16_all_bytes(quant_type, dtype):
     b = torch.arange(256)
     assert torch.equal(hi.cpu().view(torch.int16), code[b >> 4].view(torch.int16))
     assert torch.equal(lo.cpu().view(torch.int16), code[b & 15].view(torch.int16))
+
+
+WORD_PAIRS = [(0x76543210, 0xFEDCBA98), (0x01234567, 0x89ABCDEF), (0xFFFFFFFF, 0x00000000), (0x8F8F0F0F, 0x70F0E1D2)]
+
+
+def random_word_pairs(count: int, seed: int) -> list[tuple[int, int]]:
+    """Fixed pairs (every nibble value in every position among them) and random ones."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(0, 1 << 32, (count, 2), generator=gen, dtype=torch.int64).tolist()
+    return WORD_PAIRS + [tuple(p) for p in words]
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_inline_ptx16_words(quant_type, dtype):
+    """The word-pair asm: output t holds element t (byte t // 2, high nibble for even t) of
+    word A in its low half and of word B in its high half, for every nibble value."""
+    asm = bnb4_lut._asm16_words(quant_type, dtype)
+    name = f"{quant_type.upper()}_ASM16_WORDS" + ("_BF16" if dtype == torch.bfloat16 else "")
+    assert asm == getattr(bnb4_lut, name).value
+    words = [w & 0xFFFFFFFF for w in bnb4_lut.register_words(quant_type, dtype).tolist()]
+    bits = bnb4_lut.fp16_codebook_bits(quant_type, dtype)
+    operands = {10: words[0], 11: words[0], 12: words[1], 13: words[1], 14: words[2], 15: words[2], 16: words[3],
+                17: words[3]}
+    for a, b in random_word_pairs(200, seed=7):
+        out = run_ptx(asm, {8: a, 9: b, **operands})
+        for t in range(8):
+            nib_a = (a >> (8 * (t // 2) + (4 if t % 2 == 0 else 0))) & 15
+            nib_b = (b >> (8 * (t // 2) + (4 if t % 2 == 0 else 0))) & 15
+            assert out[t] == bits[nib_a] | (bits[nib_b] << 16), f"words {a:#010x} {b:#010x}, element {t}"
+        assert [out[t] for t in range(8)] == bnb4_lut.emulate_lut_decode16_words(a, b, quant_type, dtype)
+
+
+@triton.jit
+def decode16_words_all(words_in_ptr, words_ptr, out_ptr, BF16: tl.constexpr, IS_FP4: tl.constexpr):
+    offs = tl.arange(0, 64)
+    w = tl.load(words_in_ptr + offs)
+    l0, l2, h0, h2 = bnb4_lut.load_register_words(words_ptr, (64,))
+    v = bnb4_lut.lut_decode16_words(w, l0, l2, h0, h2, IS_FP4, BF16)
+    tl.store(out_ptr + offs * 8 + 0, v[0])
+    tl.store(out_ptr + offs * 8 + 1, v[1])
+    tl.store(out_ptr + offs * 8 + 2, v[2])
+    tl.store(out_ptr + offs * 8 + 3, v[3])
+    tl.store(out_ptr + offs * 8 + 4, v[4])
+    tl.store(out_ptr + offs * 8 + 5, v[5])
+    tl.store(out_ptr + offs * 8 + 6, v[6])
+    tl.store(out_ptr + offs * 8 + 7, v[7])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on a GPU only")
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_gpu_lut_decode16_words(quant_type, dtype):
+    """The compiled word decode against the codebook: 64 words (all nibble values in every
+    position), element t of word j at out[8j + t]."""
+    gen = torch.Generator().manual_seed(3)
+    words_in = torch.randint(-(1 << 31), 1 << 31, (64,), generator=gen, dtype=torch.int64).to(torch.int32)
+    words_in[:16] = torch.tensor([0x11111111 * v - (1 << 32 if 0x11111111 * v >= 1 << 31 else 0) for v in range(16)])
+    words = bnb4_lut.register_words(quant_type, dtype).repeat(32).cuda()
+    out = torch.full((64 * 8,), float("nan"), device="cuda", dtype=dtype)
+    decode16_words_all[(1,)](words_in.cuda(), words, out, BF16=dtype == torch.bfloat16, IS_FP4=quant_type == "fp4",
+                             num_warps=1)
+    code = bnb4_codec.codebook(quant_type).float().to(dtype)
+    w = words_in.to(torch.int64) & 0xFFFFFFFF
+    t = torch.arange(8)
+    nibbles = (w[:, None] >> (8 * (t // 2) + 4 * (1 - t % 2))[None, :]) & 15
+    assert torch.equal(out.cpu().view(torch.int16), code[nibbles.reshape(-1)].view(torch.int16))
