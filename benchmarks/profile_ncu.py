@@ -48,8 +48,6 @@ def cases(w: Bnb4Weight) -> dict:
         "mma_m16_r96": lambda: _launch_mma(x16, w, None, o16, config={**wide, "maxnreg": 96}),
         "mma_m1_ahead": lambda: _launch_mma(x1, w, None, o1, config={**wide, "AHEAD": True}),
         "mma_m16_ahead": lambda: _launch_mma(x16, w, None, o16, config={**wide, "AHEAD": True}),
-        "mma_m16_words": lambda: _launch_mma(x16, w, None, o16, config={**wide, "AHEAD": True, "PREFETCH": True,
-                                                                         "WORDS": True}),
         "dequant": lambda: dequantize(w, torch.bfloat16, scratch=True),
         "w4a4_m4096": lambda: torch.nn.functional.linear(x4096, w4a4),  # quantize (+ down proj) and GEMM
     }

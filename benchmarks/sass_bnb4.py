@@ -125,7 +125,7 @@ def session5_variants():
         bn, step, warps = tile["BLOCK_N"], tile["STEP_BLOCKS"], tile["num_warps"]
         consts = dict(QBLOCK=64, BLOCK_N=bn, BLOCK_M=16, STEP_BLOCKS=step, SPLIT=4, HAS_BIAS=False,
                       DOUBLE_QUANT=True, LUT=1, DOT_FP32=False, PREFETCH=tile.get("PREFETCH", False),
-                      AHEAD=tile.get("AHEAD", False), WORDS=tile.get("WORDS", False))
+                      AHEAD=tile.get("AHEAD", False))
         yield (f"mma {bnb4_mma.tile_name(tile)} (bf16 x, 16 rows, double quant)", bnb4_mma.bnb4_mma_kernel, MMA_SIG,
                consts, ["x_ptr", "packed_ptr", "out_ptr", "K", "stride_xm"], warps, bn * 64 * step // (32 * warps),
                tile.get("maxnreg"))

@@ -802,8 +802,6 @@ def _launch_mma(x2, w: Bnb4Weight, bias, out, config: dict | None = None) -> Non
     meta = dict(QBLOCK=w.block_size, BLOCK_M=bnb4_mma.block_m(m), HAS_BIAS=bias is not None,
                 DOUBLE_QUANT=w.double_quant, LUT=lut, DOT_FP32=INTERPRET)
     tile = dict(config or bnb4_mma.default_tile(n, k))
-    if tile.get("WORDS") and not bnb4_mma.takes_words(w.block_size, meta["BLOCK_M"], w.packed.data_ptr()):
-        tile["WORDS"] = False
     warps = tile.pop("num_warps", 4)
     maxnreg = tile.pop("maxnreg", None)
     launch_options = {"maxnreg": maxnreg} if maxnreg else {}

@@ -166,49 +166,6 @@ def _asm16(quant_type: str, dtype: torch.dtype) -> str:
     return "\n".join(lines)
 
 
-def _asm16_words(quant_type: str, dtype: torch.dtype) -> str:
-    """Inline PTX for ``tl.inline_asm_elementwise(pack=2)`` on two packed *words* A and B
-    (int32, 8 nibbles each: byte b holds elements 2b (high nibble) and 2b+1 (low)), with
-    eight 16-bit outputs: output t holds element t of A in its low half and element t of B in
-    its high half. Operands: $0-$7 the outputs, $8/$9 the words A/B, then the four
-    ``register_words`` of ``dtype``, each twice (pack=2): $10, $12, $14, $16.
-
-    Why pairs across words: with the word tile's consecutive elements along K, output t's
-    register is exactly a tensor-core B fragment's pair (k, k+1) when the dot's K index runs
-    over the words (``bnb4_mma``, WORDS). The plane lookups are ``_asm16``'s; pairing A with
-    B takes the same count of final ``prmt`` (two per output pair of each half)."""
-    plane_l, plane_h = byte_planes(quant_type, dtype)
-    regs = ("$10", "$12", "$14", "$16")
-    lines = ["{", ".reg .b32 idx, sel, idxA, selA, idxB, selB, i, s, a, b, pl, ph, plA, phA, ll, hh;"]
-    for word, name in (("$8", "A"), ("$9", "B")):
-        lines += _selector_lines(word) + [f"mov.b32 idx{name}, idx;", f"mov.b32 sel{name}, sel;"]
-    for half, first in ((0, 0), (16, 4)):
-        for name in ("A", "B"):
-            lines += [f"mov.b32 idx, idx{name};", f"mov.b32 sel, sel{name};"]
-            lines += _plane_lines(half, plane_l, plane_h, regs)
-            if name == "A":
-                lines += ["mov.b32 plA, pl;", "mov.b32 phA, ph;"]
-        # pl/ph hold each plane's bytes of the half's nibbles in the order (lo0, hi0, lo1, hi1),
-        # i.e. elements (t+1, t, t+3, t+2) for t = first
-        for pos, t in ((0x40_51, first), (0x62_73, first + 2)):  # (A, B) bytes of elements t, t+1
-            lines += [f"prmt.b32 ll, plA, pl, {pos:#06x};", f"prmt.b32 hh, phA, ph, {pos:#06x};",
-                      f"prmt.b32 ${t}, ll, hh, 0x5140;", f"prmt.b32 ${t + 1}, ll, hh, 0x7362;"]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def emulate_lut_decode16_words(word_a: int, word_b: int, quant_type: str, dtype: torch.dtype) -> list[int]:
-    """What ``_asm16_words`` computes, from the codebook: per element t, the 16-bit patterns
-    of A's and B's element t packed as (A in bits 0-15, B in bits 16-31)."""
-    bits = fp16_codebook_bits(quant_type, dtype)
-
-    def element(word: int, t: int) -> int:
-        byte = (word >> (8 * (t // 2))) & 0xFF
-        return bits[byte >> 4 if t % 2 == 0 else byte & 15]
-
-    return [element(word_a, t) | (element(word_b, t) << 16) for t in range(8)]
-
-
 NF4_ASM = tl.constexpr(_asm("nf4"))
 FP4_ASM = tl.constexpr(_asm("fp4"))
 ASM_CONSTRAINTS = tl.constexpr("=r," * 8 + "r" + ",r" * 16)
@@ -217,11 +174,6 @@ FP4_ASM16 = tl.constexpr(_asm16("fp4", torch.float16))
 NF4_ASM16_BF16 = tl.constexpr(_asm16("nf4", torch.bfloat16))
 FP4_ASM16_BF16 = tl.constexpr(_asm16("fp4", torch.bfloat16))
 ASM16_CONSTRAINTS = tl.constexpr("=r," * 4 + "r" + ",r" * 16)
-NF4_ASM16_WORDS = tl.constexpr(_asm16_words("nf4", torch.float16))
-FP4_ASM16_WORDS = tl.constexpr(_asm16_words("fp4", torch.float16))
-NF4_ASM16_WORDS_BF16 = tl.constexpr(_asm16_words("nf4", torch.bfloat16))
-FP4_ASM16_WORDS_BF16 = tl.constexpr(_asm16_words("fp4", torch.bfloat16))
-ASM16_WORDS_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r" + ",r" * 8)
 
 
 @triton.jit
@@ -266,18 +218,3 @@ def lut_decode16(byte, l0, l2, h0, h2, IS_FP4: tl.constexpr, BF16: tl.constexpr)
         dtype = tl.float16
     return tl.inline_asm_elementwise(asm, ASM16_CONSTRAINTS, [byte, l0, l2, h0, h2],
                                      dtype=(dtype, dtype), is_pure=True, pack=4)
-
-
-@triton.jit
-def lut_decode16_words(words, l0, l2, h0, h2, IS_FP4: tl.constexpr, BF16: tl.constexpr):
-    """Elements 0..7 of each packed int32 word (element t: nibble ``t`` in bitsandbytes' order,
-    high nibble first in each byte) as eight float16 (bfloat16 with BF16) tensors of the
-    words' shape. GPU only; ``_asm16_words`` says why the outputs pair consecutive words."""
-    if BF16:
-        asm: tl.constexpr = FP4_ASM16_WORDS_BF16 if IS_FP4 else NF4_ASM16_WORDS_BF16
-        dtype = tl.bfloat16
-    else:
-        asm: tl.constexpr = FP4_ASM16_WORDS if IS_FP4 else NF4_ASM16_WORDS
-        dtype = tl.float16
-    return tl.inline_asm_elementwise(asm, ASM16_WORDS_CONSTRAINTS, [words, l0, l2, h0, h2],
-                                     dtype=(dtype,) * 8, is_pure=True, pack=2)

@@ -32,7 +32,7 @@ import functools
 import triton
 import triton.language as tl
 
-from .bnb4_lut import load_register_words, lut_decode16, lut_decode16_words
+from .bnb4_lut import load_register_words, lut_decode16
 
 
 @triton.jit
@@ -43,75 +43,11 @@ def _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block, DOUBLE_QUAN
     masked loads cost this kernel 10-54 registers per thread (SASS, Triton 3.6), which it
     cannot spare: it is latency-bound on its register count (benchmarks/NOTES.md, NF4 v7)."""
     if DOUBLE_QUANT:
-        scale = _decoded_scale(tl.load(absmax_ptr + block).to(tl.int32), nested_ptr, offset_ptr, dyn_ptr, block)
+        code = tl.load(absmax_ptr + block).to(tl.int32)
+        scale = tl.load(dyn_ptr + code) * tl.load(nested_ptr + block // 256) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block).to(tl.float32)
     return scale  # one return: Triton 3.6 rejects returns of different types in constexpr branches
-
-
-@triton.jit
-def _bytes_product(x_pairs, byte, l0, l2, h0, h2, code_ptr, LUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                   dtype: tl.constexpr):
-    """One block's x @ W.T from W's packed bytes, (HALF, BLOCK_N) uint8: ``x_even @ W_hi +
-    x_odd @ W_lo``."""
-    x_even, x_odd = tl.split(x_pairs)
-    if LUT != 0:
-        w_hi, w_lo = lut_decode16(byte, l0, l2, h0, h2, LUT == 2, dtype == tl.bfloat16)
-    else:
-        w_hi = tl.load(code_ptr + (byte >> 4)).to(dtype)
-        w_lo = tl.load(code_ptr + (byte & 15)).to(dtype)
-    if DOT_FP32:
-        part = tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32))
-        return tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), part)
-    part = tl.dot(x_even, w_hi)
-    return tl.dot(x_odd, w_lo, part)
-
-
-@triton.jit
-def _nibble(code_ptr, words, t: tl.constexpr, dtype: tl.constexpr):
-    """Element t (0..7) of each packed word through the codebook (the interpreter's decode):
-    byte t // 2, its high nibble for even t (bitsandbytes stores element 2j high)."""
-    shift: tl.constexpr = 8 * (t // 2) + 4 * (1 - t % 2)
-    return tl.load(code_ptr + ((words >> shift) & 15)).to(dtype)
-
-
-@triton.jit
-def _words_product(x_perm, words, l0, l2, h0, h2, code_ptr, LUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """One 64-element block's x @ W.T from W's packed bytes as int32 words (8 per column).
-
-    The dot's K order is permuted so that the decode's registers are the tensor-core operand
-    as they come: ``lut_decode16_words`` gives, per element t of a word (t = 2p + s: byte p,
-    s = 0 for its high nibble), words j and j+1 paired in one register. The dot's K index
-    k = 16p + 4u + 2s + j0 stands for block element 8j + 2p + s with j = 2u + j0, so each
-    thread's four consecutive k (Triton's operand layout for 16-bit MMA) are (j0, s) of one
-    (p, u): two of its decoded registers. ``x_perm`` is x's block in the same order
-    (``PERMUTED_X``)."""
-    dtype: tl.constexpr = x_perm.dtype
-    if LUT != 0:
-        v0, v1, v2, v3, v4, v5, v6, v7 = lut_decode16_words(words, l0, l2, h0, h2, LUT == 2, dtype == tl.bfloat16)
-    else:
-        v0 = _nibble(code_ptr, words, 0, dtype)
-        v1 = _nibble(code_ptr, words, 1, dtype)
-        v2 = _nibble(code_ptr, words, 2, dtype)
-        v3 = _nibble(code_ptr, words, 3, dtype)
-        v4 = _nibble(code_ptr, words, 4, dtype)
-        v5 = _nibble(code_ptr, words, 5, dtype)
-        v6 = _nibble(code_ptr, words, 6, dtype)
-        v7 = _nibble(code_ptr, words, 7, dtype)
-    # (j, n, s, p0, p1) with p = p0 + 2 p1 -> (p1, p0, u, s, j0, n) -> (64, n)
-    w = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-    w = tl.permute(tl.reshape(w, (4, 2, BLOCK_N, 2, 2, 2)), (5, 4, 0, 3, 1, 2))
-    w = tl.reshape(w, (64, BLOCK_N))
-    if DOT_FP32:
-        return tl.dot(x_perm.to(tl.float32), w.to(tl.float32))
-    return tl.dot(x_perm, w)
-
-
-@triton.jit
-def _decoded_scale(code, nested_ptr, offset_ptr, dyn_ptr, block):
-    """A double-quantized absmax from its 8-bit code: dynamic map x nested absmax + offset."""
-    return tl.load(dyn_ptr + code) * tl.load(nested_ptr + block // 256) + tl.load(offset_ptr)
 
 
 @triton.jit
@@ -121,7 +57,6 @@ def bnb4_mma_kernel(
     QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_BLOCKS: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT: tl.constexpr,
     DOT_FP32: tl.constexpr = False, PREFETCH: tl.constexpr = False, AHEAD: tl.constexpr = False,
-    WORDS: tl.constexpr = False,
 ):
     """Program (i, s): output columns [i*BLOCK_N, (i+1)*BLOCK_N) for all M (<= BLOCK_M) rows
     of x, over the s-th of SPLIT equal slices of the quantization blocks of K.
@@ -143,11 +78,7 @@ def bnb4_mma_kernel(
     while it decodes (at 96-128 registers only 4-5 programs share an SM to hide latency).
     AHEAD: x and the block scale (absmax code -> dynamic map -> nested absmax: three dependent
     loads) of the next block are loaded before this block's math; Nsight Compute showed the
-    warps waiting on exactly these two chains (benchmarks/NOTES.md, NF4 v8). AHEAD = 2: the
-    absmax codes two blocks ahead and their decode one block ahead (double quant).
-    WORDS (blocks of 64, 16 rows): W's bytes read as int32 words and decoded with the dot's K
-    order permuted so that no byte is repacked (``_words_product``); with PREFETCH the words
-    are loaded a whole block ahead.
+    warps waiting on exactly these two chains (benchmarks/NOTES.md, NF4 v8).
     """
     HALF: tl.constexpr = QBLOCK // 2
     pid = tl.program_id(0)
@@ -156,70 +87,56 @@ def bnb4_mma_kernel(
     n_ok = offs_n < N
     rows = tl.where(n_ok, offs_n, 0)
     byte_col = tl.arange(0, HALF)
-    if WORDS:  # QBLOCK == 64: a column's 32 bytes of the block as 8 int32 words (8, BLOCK_N)
-        LOAD_STEP: tl.constexpr = 8
-        byte_ptrs = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[None, :].to(tl.int64) * (K // 8) \
-            + tl.arange(0, 8)[:, None]
-    else:  # (HALF, BLOCK_N) bytes
-        LOAD_STEP: tl.constexpr = HALF
-        byte_ptrs = packed_ptr + rows[None, :].to(tl.int64) * (K // 2) + byte_col[:, None]
+    byte_ptrs = packed_ptr + rows[None, :].to(tl.int64) * (K // 2) + byte_col[:, None]
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     # x's block as a (BLOCK_M, HALF, 2) tile, 16-byte loads; split into its even and odd
     # columns in registers (one 2-byte load per element was 16 loads per thread and block)
     x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + (2 * byte_col)[None, :, None] + tl.arange(0, 2)[None, None, :]
-    if WORDS:  # x's block in ``_words_product``'s K order: k = 16p + 4u + 2s + j0 <-> 16u + 8j0 + 2p + s
-        k64 = tl.arange(0, 64)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm \
-            + (16 * ((k64 // 4) % 4) + 8 * (k64 % 2) + 2 * (k64 // 16) + (k64 // 2) % 2)[None, :]
-    x_mask = m_ok[:, None] if WORDS else m_ok[:, None, None]
     blocks_per_row = K // QBLOCK
     per_split = blocks_per_row // SPLIT
     block_of_row = rows * blocks_per_row
     if LUT != 0:
-        l0, l2, h0, h2 = load_register_words(words_ptr, (LOAD_STEP, BLOCK_N))
-    else:
-        l0 = None
-        l2 = None
-        h0 = None
-        h2 = None
+        l0, l2, h0, h2 = load_register_words(words_ptr, (HALF, BLOCK_N))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     kb_first = split * per_split
     kb_end = kb_first + per_split
     if PREFETCH:
-        byte_next = tl.load(byte_ptrs + kb_first * LOAD_STEP)
+        byte_next = tl.load(byte_ptrs + kb_first * HALF)
     if PREFETCH or AHEAD:
-        x_next = tl.load(x_ptrs + kb_first * QBLOCK, mask=x_mask, other=0.0)
+        x_next = tl.load(x_ptrs + kb_first * QBLOCK, mask=m_ok[:, None, None], other=0.0)
     if AHEAD:
         scale_next = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_first, DOUBLE_QUANT)
-        if AHEAD == 2 and DOUBLE_QUANT:  # the absmax codes two blocks ahead, their decode one ahead
-            code_next = tl.load(absmax_ptr + block_of_row + tl.minimum(kb_first + 1, kb_end - 1)).to(tl.int32)
     for kb0 in range(kb_first, kb_end, STEP_BLOCKS):
         for j in tl.static_range(STEP_BLOCKS):
             kb = kb0 + j
             kb_next = tl.minimum(kb + 1, kb_end - 1)  # past the slice: its last block again (cached)
             if PREFETCH:  # the next block's loads go out before this one's math
                 byte = byte_next
-                byte_next = tl.load(byte_ptrs + kb_next * LOAD_STEP)
+                byte_next = tl.load(byte_ptrs + kb_next * HALF)
             else:
-                byte = tl.load(byte_ptrs + kb * LOAD_STEP)  # W's bytes (or words), transposed
+                byte = tl.load(byte_ptrs + kb * HALF)  # (HALF, BLOCK_N) uint8: W's bytes, transposed
             if PREFETCH or AHEAD:
                 x_pairs = x_next
-                x_next = tl.load(x_ptrs + kb_next * QBLOCK, mask=x_mask, other=0.0)
+                x_next = tl.load(x_ptrs + kb_next * QBLOCK, mask=m_ok[:, None, None], other=0.0)
             else:
-                x_pairs = tl.load(x_ptrs + kb * QBLOCK, mask=x_mask, other=0.0)
+                x_pairs = tl.load(x_ptrs + kb * QBLOCK, mask=m_ok[:, None, None], other=0.0)
             if AHEAD:
                 scale = scale_next
-                if AHEAD == 2 and DOUBLE_QUANT:
-                    scale_next = _decoded_scale(code_next, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_next)
-                    code_next = tl.load(absmax_ptr + block_of_row + tl.minimum(kb + 2, kb_end - 1)).to(tl.int32)
-                else:
-                    scale_next = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_next,
-                                              DOUBLE_QUANT)
-            if WORDS:
-                part = _words_product(x_pairs, byte, l0, l2, h0, h2, code_ptr, LUT, DOT_FP32, BLOCK_N)
+                scale_next = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb_next,
+                                          DOUBLE_QUANT)
+            x_even, x_odd = tl.split(x_pairs)
+            if LUT != 0:
+                w_hi, w_lo = lut_decode16(byte, l0, l2, h0, h2, LUT == 2, x_ptr.dtype.element_ty == tl.bfloat16)
             else:
-                part = _bytes_product(x_pairs, byte, l0, l2, h0, h2, code_ptr, LUT, DOT_FP32, x_ptr.dtype.element_ty)
+                w_hi = tl.load(code_ptr + (byte >> 4)).to(x_ptr.dtype.element_ty)
+                w_lo = tl.load(code_ptr + (byte & 15)).to(x_ptr.dtype.element_ty)
+            if DOT_FP32:
+                part = tl.dot(x_even.to(tl.float32), w_hi.to(tl.float32))
+                part = tl.dot(x_odd.to(tl.float32), w_lo.to(tl.float32), part)
+            else:
+                part = tl.dot(x_even, w_hi)
+                part = tl.dot(x_odd, w_lo, part)
             if not AHEAD:
                 scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, block_of_row + kb, DOUBLE_QUANT)
             acc += part * scale[None, :]
@@ -257,23 +174,23 @@ LARGE_LAYER = 1 << 24  # weights (N x K) from which the wide tile runs: 3072 x 3
 PROGRAMS_PER_SM = 4
 WIDE_TILE = {"BLOCK_N": 128, "STEP_BLOCKS": 1, "num_warps": 4, "AHEAD": True}
 NARROW_TILE = {"BLOCK_N": 64, "STEP_BLOCKS": 2, "num_warps": 4}
-# What benchmarks/bench_bnb4.py --mma-tiles times (each with several K splits). Session 6 measured
-# register caps (maxnreg 96, 80) slower than the uncapped tiles and an L1 prefetch of the weight
-# bytes 1-4 blocks ahead 3-15% slower; neither is in the sweep any more.
+# What benchmarks/bench_bnb4.py --mma-tiles times (each with several K splits). Measured in session 6
+# and not kept (benchmarks/NOTES.md, NF4 v8): register caps (maxnreg 96, 80), an L1 prefetch of
+# the weight bytes, W read as int32 words in a permuted K order (commit cb6875c) and the absmax
+# codes two blocks ahead.
 MMA_TILES_SWEEP = [
     dict(BLOCK_N=64, STEP_BLOCKS=2, num_warps=4),  # NARROW_TILE
+    dict(BLOCK_N=64, STEP_BLOCKS=2, num_warps=4, AHEAD=True),
+    dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4),
     dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4, AHEAD=True),  # WIDE_TILE
-    dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4, AHEAD=2),
-    dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4, AHEAD=True, PREFETCH=True, WORDS=True),
-    dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4, AHEAD=2, PREFETCH=True, WORDS=True),
-    dict(BLOCK_N=256, STEP_BLOCKS=1, num_warps=8, AHEAD=2, PREFETCH=True, WORDS=True),
+    dict(BLOCK_N=128, STEP_BLOCKS=1, num_warps=4, AHEAD=True, PREFETCH=True),
+    dict(BLOCK_N=128, STEP_BLOCKS=2, num_warps=4, AHEAD=True),
 ]
 
 
 def tile_name(tile: dict) -> str:
-    """``128x1x4pa`` etc.: columns x blocks per step x warps, then p(refetch), a(head), w(ords)."""
-    flags = "".join(c for c, key in (("p", "PREFETCH"), ("a", "AHEAD"), ("w", "WORDS")) if tile.get(key))
-    flags += "2" if tile.get("AHEAD") == 2 else ""
+    """``128x1x4pa`` etc.: columns x blocks per step x warps, then p(refetch), a(head)."""
+    flags = "".join(c for c, key in (("p", "PREFETCH"), ("a", "AHEAD")) if tile.get(key))
     return f"{tile['BLOCK_N']}x{tile['STEP_BLOCKS']}x{tile['num_warps']}{flags}" + \
         (f"r{tile['maxnreg']}" if tile.get("maxnreg") else "")
 
@@ -281,12 +198,6 @@ def tile_name(tile: dict) -> str:
 def block_m(m: int) -> int:
     """The MMA's M side for m rows of x: 16 (the smallest ``tl.dot`` tile) or 32."""
     return 16 if m <= 16 else 32
-
-
-def takes_words(block: int, block_m: int, packed_address: int) -> bool:
-    """Whether the WORDS variant serves: blocks of 64 (8 words per column), the 16-row tile
-    (the 32-row one needs 238 registers with it, SASS), and int32-aligned packed bytes."""
-    return block == 64 and block_m == 16 and packed_address % 4 == 0
 
 
 def default_tile(n: int, k: int) -> dict:

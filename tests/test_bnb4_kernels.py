@@ -102,16 +102,13 @@ def test_linear_3d_input_odd_n_and_large_block(path):
     (3, 5, 64, 1, False, False, None), (3, 2, 32, 2, False, False, None), (3, 1, 128, 2, False, False, None),
     (3, 5, 64, 1, True, False, None), (3, 1, 32, 1, True, False, None), (3, 5, 128, 1, False, False, 96),
     (3, 5, 64, 1, False, True, None), (3, 2, 32, 2, False, True, None), (3, 1, 64, 1, True, True, None),
-    (24, 5, 128, 1, False, True, None), (32, 1, 64, 2, False, False, None),
-    (3, 5, 64, 1, True, True, "words"), (16, 1, 32, 1, False, False, "words"), (7, 1, 128, 1, True, True, "words"),
-    (24, 5, 64, 1, True, True, "words"), (5, 1, 64, 1, True, 2, "words"), (4, 1, 32, 1, False, 2, None)])
+    (24, 5, 128, 1, False, True, None), (32, 1, 64, 2, False, False, None)])
 def test_mma_split_k_in_one_launch(rows, split, block_n, step, prefetch, ahead, maxnreg):
     """K split in slices whose partials the last program of each column tile sums. Twice in a
     row: the arrival counters it leaves behind must be zero again, or the second call fails.
     AHEAD/PREFETCH load the next block early: a slice of one block and slices of several
     (the last block's "next" is itself) must both come out right; 24 and 32 rows take the
-    32-row tile (the dispatch's rule on large layers). "words": W read as int32 words, the
-    dot's K order permuted (``bnb4_mma._words_product``)."""
+    32-row tile (the dispatch's rule on large layers)."""
     from comfy_lowbit.kernels.bnb4_linear import _launch_mma
     from comfy_lowbit.kernels.split_k import arrival_counters
 
@@ -121,9 +118,8 @@ def test_mma_split_k_in_one_launch(rows, split, block_n, step, prefetch, ahead, 
         x = outlier_matrix(rows, k, seed=seed).to(KERNEL_DEVICE, torch.bfloat16)
         bias = torch.randn(N, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE, torch.bfloat16)
         out = torch.full((rows, N), float("nan"), device=KERNEL_DEVICE, dtype=torch.bfloat16)
-        words = maxnreg == "words"  # the int32-word decode (24 rows: the launcher falls back to bytes)
         _launch_mma(x, weight, bias, out, config=dict(BLOCK_N=block_n, STEP_BLOCKS=step, SPLIT=split, PREFETCH=prefetch,
-                                                      AHEAD=ahead, WORDS=words, maxnreg=None if words else maxnreg))
+                                                      AHEAD=ahead, maxnreg=maxnreg))
         err = relative_error(out.cpu(), reference_bnb4_linear(x.cpu(), to_cpu(weight), bias.cpu()))
         assert err <= TOLERANCE[torch.bfloat16], f"split {split}: rel. error {err:.3g}"
     assert int(arrival_counters(out.device, 1).abs().sum()) == 0
