@@ -6,7 +6,7 @@
 # per step into OUT_DIR; a failing step is recorded and the next one still runs. About 25
 # minutes on an H100 in all; the device tool allows 10 minutes per call and every step's
 # timeout is at most 9.5 minutes, so run one or two steps per call, e.g. STEPS="env tests" and
-# STEPS="tests2" (the GPU test suite's two halves, 4-5 min each), STEPS="int8", STEPS="bnb4", STEPS="bnb4small w4a4", STEPS="bnb4mma",
+# STEPS="tests2" (the GPU test suite's two halves; whole it ran past 9.5 min), STEPS="int8", STEPS="bnb4", STEPS="bnb4small w4a4", STEPS="bnb4mma",
 # STEPS="w4a4small block", STEPS="sm90plans host", STEPS="experimental diag", STEPS="ncu"; STEPS="pytest" with
 # TESTS="tests/test_x.py ..." re-runs chosen tests.
 set -u
