@@ -187,7 +187,8 @@ def bench_shape(k: int, n: int, bw: float, peak: float, rows: list[dict], ms: li
 
 def bench_mma_tiles(shapes, ms: list[int], double_quant: bool) -> None:
     """GPU time (CUDA graphs) of every skinny tensor-core tile, each with the launcher's K split
-    and with half of it: the eager timing ``fastest`` does is mostly host time at these sizes."""
+    (one wave at 4 programs per SM), half of it and one wave at 6 per SM: the eager timing
+    ``fastest`` does is mostly host time at these sizes."""
     from comfy_lowbit.kernels import bnb4_mma
     from comfy_lowbit.kernels.bnb4_linear import _launch_mma
 
@@ -202,15 +203,10 @@ def bench_mma_tiles(shapes, ms: list[int], double_quant: bool) -> None:
             cells = []
             for base in bnb4_mma.MMA_TILES_SWEEP:
                 bn, step = base["BLOCK_N"], base["STEP_BLOCKS"]
-                auto = bnb4_mma.split_for(n, k, 64, bn, step, sms)
+                auto = bnb4_mma.split_for(n, k, 64, bn, step, sms)  # one wave at 4 programs per SM
                 steps = k // 64 // step
-                tiles = -(-n // bn)
-                # the launcher's split, half of it, and the largest split whose programs fit in
-                # one wave at 4 and at 6 programs per SM
-                fits = {max([d for d in range(1, steps + 1) if steps % d == 0 and tiles * d <= per * sms] or [1])
-                        for per in (4, 6)}
-                for split in sorted({auto, max(d for d in range(1, auto // 2 + 1) if steps % d == 0) if auto > 1 else 1}
-                                    | fits):
+                half = max(d for d in range(1, auto // 2 + 1) if steps % d == 0) if auto > 1 else 1
+                for split in sorted({auto, half, bnb4_mma.split_for(n, k, 64, bn, step, sms, programs_per_sm=6)}):
                     tile = {**base, "SPLIT": split}
                     us = graph_us([lambda o=o, tile=tile: _launch_mma(x, o, None, out, config=tile) for o in copies])
                     cells.append(f"{bnb4_mma.tile_name(base)}/s{split} {us:.1f}")

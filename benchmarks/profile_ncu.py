@@ -45,9 +45,9 @@ def cases(w: Bnb4Weight) -> dict:
         "gemv_m1": lambda: bnb4_linear(x1, w, path="gemv_lut", out=o1),
         "mma_m1": lambda: _launch_mma(x1, w, None, o1),
         "mma_m16": lambda: _launch_mma(x16, w, None, o16),
-        "mma_m16_r96": lambda: _launch_mma(x16, w, None, o16, config={**wide, "maxnreg": 96}),
-        "mma_m1_ahead": lambda: _launch_mma(x1, w, None, o1, config={**wide, "AHEAD": True}),
-        "mma_m16_ahead": lambda: _launch_mma(x16, w, None, o16, config={**wide, "AHEAD": True}),
+        # the default tile without AHEAD (x and the block scale loaded with their block)
+        "mma_m1_plain": lambda: _launch_mma(x1, w, None, o1, config={**wide, "AHEAD": False}),
+        "mma_m16_plain": lambda: _launch_mma(x16, w, None, o16, config={**wide, "AHEAD": False}),
         "dequant": lambda: dequantize(w, torch.bfloat16, scratch=True),
         "w4a4_m4096": lambda: torch.nn.functional.linear(x4096, w4a4),  # quantize (+ down proj) and GEMM
     }
@@ -64,7 +64,7 @@ def w4a4_weight(n: int, k: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="gemv_m1,mma_m1,mma_m16,mma_m1_ahead,mma_m16_ahead,dequant,w4a4_m4096")
+    parser.add_argument("--cases", default="gemv_m1,mma_m1,mma_m16,mma_m1_plain,mma_m16_plain,dequant,w4a4_m4096")
     args = parser.parse_args()
     w = nf4_weight(N, K)
     table = cases(w)
